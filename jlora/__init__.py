@@ -1,0 +1,33 @@
+"""jlora: low-rank adaptation (LoRA) for JAX as a parameter transform.
+
+    lora = jlora.lora_transform(model.apply, jlora.LoraConfig(rank=8, alpha=16, targets=("query", "value")))
+    frozen, adapters = lora.init(variables, x, key=jax.random.key(1))
+    y = lora.apply(frozen, adapters, x)
+"""
+
+from jlora.checkpoint import AdapterCheckpointManager, fingerprint, load_adapters, save_adapters
+from jlora.config import LoraConfig
+from jlora.interpreter import FactoredFallbackWarning
+from jlora.merge import merge, unmerge
+from jlora.optim import masked_optimizer
+from jlora.partition import combine, split, trainable_mask
+from jlora.transform import LoraTransform, lora_transform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterCheckpointManager",
+    "FactoredFallbackWarning",
+    "LoraConfig",
+    "LoraTransform",
+    "combine",
+    "fingerprint",
+    "load_adapters",
+    "lora_transform",
+    "masked_optimizer",
+    "merge",
+    "save_adapters",
+    "split",
+    "trainable_mask",
+    "unmerge",
+]

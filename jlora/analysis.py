@@ -1,0 +1,110 @@
+"""Tracing a function of a params pytree to a jaxpr, and reading from it how each targeted weight is consumed,
+which decides the adapter layout (which axes `lora_a` covers, which leading axes are stacked by `scan`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from jlora.interpreter import Context, eval_jaxpr, plain
+from jlora.tracked import Leaf, Tracked
+
+
+def _is_dynamic(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+
+
+def run(fn, variables, args, kwargs, substitute, ctx: Context):
+    """Evaluates `fn(variables, *args, **kwargs)` through the interpreter, with the variables' leaf i replaced by
+    `substitute(i, leaf)` (a Tracked or the leaf itself). Non-array args and kwargs leaves are static."""
+    var_leaves, var_tree = jax.tree_util.tree_flatten(variables)
+    for i, leaf in enumerate(var_leaves):
+        if not _is_dynamic(leaf):
+            path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(variables)[0][i][0])
+            raise TypeError(f"variables leaf {path} is a {type(leaf).__name__}, not an array")
+    arg_leaves, arg_tree = jax.tree_util.tree_flatten((args, kwargs))
+    dyn = [i for i, x in enumerate(arg_leaves) if _is_dynamic(x)]
+
+    def flat_fn(var_vals, dyn_vals):
+        leaves = list(arg_leaves)
+        for i, v in zip(dyn, dyn_vals):
+            leaves[i] = v
+        a, k = jax.tree_util.tree_unflatten(arg_tree, leaves)
+        return fn(jax.tree_util.tree_unflatten(var_tree, var_vals), *a, **k)
+
+    dyn_vals = [arg_leaves[i] for i in dyn]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(var_leaves, dyn_vals)
+    inputs = [substitute(i, leaf) for i, leaf in enumerate(var_leaves)] + dyn_vals
+    outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs, ctx)
+    outs = [plain(ctx, o, "output") for o in outs]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one weight is adapted: W = P + A + B with len(P) = n_prefix, len(A) = n_a; the side x contracts
+    with ('a' or 'b'), and the init family ('dense' or 'embed')."""
+
+    n_prefix: int
+    n_a: int
+    input_side: str
+    kind: str
+
+
+def analyse(fn, variables, args, kwargs, targets: dict[int, str]) -> dict[int, list]:
+    """Records, per targeted leaf index, the consumers it reaches: [(kind, info), ...]."""
+    ctx = Context(records={})
+    leaves = jax.tree_util.tree_leaves(variables)
+
+    def substitute(i, leaf):
+        if i not in targets:
+            return leaf
+        axes = tuple((k,) for k in range(leaf.ndim))
+        return Tracked(leaf, None, None, axes=axes, removed=frozenset(),
+                       leaf=Leaf(targets[i], i, tuple(leaf.shape)))
+
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), leaves)
+    jax.eval_shape(lambda v: run(fn, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(variables), v),
+                                 args, kwargs, substitute, ctx), abstract)
+    return ctx.records
+
+
+def decide(path: str, ndim: int, records: list) -> Plan:
+    """The layout for one weight from its consumer records (see the module docstring)."""
+    sliced = list(dict.fromkeys(info for kind, info in records if kind == "slice"))
+    n_prefix = len(sliced) if sorted(sliced) == list(range(len(sliced))) else 0
+    uses = [r for r in records if r[0] in ("dot", "gather", "conv")]
+    if not records:
+        raise ValueError(f"the target {path!r} is never used by the function: remove it from targets")
+    gathers = [r for r in uses if r[0] == "gather"]
+    use = gathers[0] if gathers else uses[0] if uses else None
+    kind = "embed" if gathers else "dense"
+    contracted: list[int] = []
+    if use is not None and use[0] == "dot":
+        contracted = [t for ax in use[1][0] for t in ax]
+        batch = sorted(t for ax in use[1][1] for t in ax)
+        if batch == list(range(n_prefix, n_prefix + len(batch))):
+            n_prefix += len(batch)
+    elif use is not None:
+        contracted = [t for ax in (use[1] if use[0] == "gather" else use[1][0]) for t in ax]
+    rest = list(range(n_prefix, ndim))
+    c = sorted(contracted)
+    if len(rest) < 2:
+        raise ValueError(f"the target {path!r} has {ndim} axes with {n_prefix} stacked by scan: no room for a "
+                         f"low-rank pair (needs two axes beyond the stacked ones)")
+    if c and len(c) < len(rest) and c == rest[: len(c)]:
+        return Plan(n_prefix, len(c), "a", kind)
+    if c and len(c) < len(rest) and c == rest[-len(c):]:
+        return Plan(n_prefix, len(rest) - len(c), "b", kind)
+    return Plan(n_prefix, len(rest) - 1, "a", kind)
+
+
+def consumers_summary(records: dict[int, list], names: dict[int, str]) -> dict[str, list[str]]:
+    """{path: [primitive names reached]}: handy for a user checking what runs factored."""
+    out: dict[str, Any] = {}
+    for i, recs in records.items():
+        out[names[i]] = [info if kind == "fallback" else kind for kind, info in recs if kind != "slice"]
+    return out

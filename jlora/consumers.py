@@ -1,0 +1,138 @@
+"""Factored rules for the primitives that consume a weight: `dot_general`, `conv_general_dilated`, `gather`.
+
+Each computes `consumer(x, W) + scale * consumer'(x, a, b)` where the second term contracts x with one factor
+first and then with the other, so neither W + delta nor its gradient is ever formed. A rule returns None where
+the case is not covered, and the interpreter falls back to the materialised weight.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora.interpreter import bind, plain
+from jlora.tracked import Tracked
+
+
+def _dropout(ctx, x, rate: float):
+    """loralib's `lora_dropout` on the LoRA branch input: inverted dropout, only when a dropout key was given."""
+    if rate == 0.0 or ctx.key is None:
+        return x
+    keep = jax.random.bernoulli(ctx.next_key(), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+def _pick_tracked(ctx, eqn, invals, allowed=(0, 1)):
+    """(index of the Tracked operand, operands with any other Tracked materialised), or (None, _)."""
+    sides = [i for i, v in enumerate(invals) if isinstance(v, Tracked) and i in allowed]
+    if not sides:
+        return None, invals
+    side = sides[-1]
+    return side, [v if i == side else plain(ctx, v, eqn.primitive.name) for i, v in enumerate(invals)]
+
+
+def _dot_general(ctx, eqn, invals):
+    side, invals = _pick_tracked(ctx, eqn, invals)
+    if side is None:
+        return None
+    t: Tracked = invals[side]
+    x = invals[1 - side]
+    p = eqn.params
+    (lc, rc), (lb, rb) = p["dimension_numbers"]
+    base = bind(eqn, [t.w if i == side else v for i, v in enumerate(invals)])[0]
+    t_contract, t_batch = (lc, lb) if side == 0 else (rc, rb)
+    if t.analysis:
+        ctx.record(t, "dot", ([t.axes[i] for i in t_contract], [t.axes[i] for i in t_batch]))
+        return [base]
+    groups = [t.axis_group(i) for i in range(len(t.axes))]
+    if None in groups or any(groups[i] == "P" for i in t_contract):
+        return None
+    if any(groups[i] == "" for i in range(len(groups)) if i not in t_contract):
+        return None
+    # einsum labels: contracting and batch pairs share one; free dims get their own
+    nl, nr = x.ndim if side == 1 else t.w.ndim, t.w.ndim if side == 1 else x.ndim
+    lhs, rhs = list(range(nl)), list(range(nl, nl + nr))
+    for i, j in zip(lc, rc):
+        rhs[j] = lhs[i]
+    for i, j in zip(lb, rb):
+        rhs[j] = lhs[i]
+    out = [lhs[i] for i in lb] + [lhs[i] for i in range(nl) if i not in lc and i not in lb]
+    out += [rhs[j] for j in range(nr) if j not in rc and j not in rb]
+    t_labels, x_labels = (lhs, rhs) if side == 0 else (rhs, lhs)
+    r_label = nl + nr
+    contracted = {groups[i] for i in t_contract} - {""}
+    first, second = ("b", "a") if contracted == {"B"} else ("a", "b")
+    f1, sel1 = t.view(first)
+    f2, sel2 = t.view(second)
+    l1 = [t_labels[i] for i in sel1] + [r_label]
+    l2 = [t_labels[i] for i in sel2] + [r_label]
+    keep = set(out) | set(l2)
+    tmp_labels = list(dict.fromkeys(lab for lab in x_labels + l1 if lab in keep))
+    kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
+    tmp = jnp.einsum(_dropout(ctx, x, t.leaf.dropout), x_labels, f1, l1, tmp_labels, **kw)
+    tmp = tmp * jnp.asarray(t.leaf.scale, tmp.dtype)
+    low = jnp.einsum(tmp, tmp_labels, f2, l2, out, **kw)
+    return [base + low.astype(base.dtype)]
+
+
+def _gather(ctx, eqn, invals):
+    t, idx = invals
+    if not isinstance(t, Tracked):
+        return None
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    base = bind(eqn, [t.w, idx])[0]
+    if t.analysis:
+        ctx.record(t, "gather", [t.axes[i] for i in dn.collapsed_slice_dims])
+        return [base]
+    if (len(t.axes) != 2 or dn.operand_batching_dims or len(dn.collapsed_slice_dims) != 1
+            or tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims) or len(dn.offset_dims) != 1):
+        return None
+    k = dn.collapsed_slice_dims[0]
+    groups = (t.axis_group(0), t.axis_group(1))
+    if sorted(groups) != ["A", "B"] or p["slice_sizes"][1 - k] != t.w.shape[1 - k]:
+        return None
+    looked, other = ("a", "b") if groups[k] == "A" else ("b", "a")
+    f1, _ = t.view(looked)  # shape=(V_k, r)
+    f2, _ = t.view(other)  # shape=(V_other, r)
+    sizes = list(p["slice_sizes"])
+    sizes[1 - k] = f1.shape[-1]
+    params = {**p, "slice_sizes": tuple(sizes)}
+    g = lax.gather_p.bind(f1 if k == 0 else f1.T, idx, **params)
+    off = dn.offset_dims[0]
+    low = jnp.moveaxis(jnp.moveaxis(g, off, -1) @ f2.T, -1, off) * jnp.asarray(t.leaf.scale, g.dtype)
+    return [base + low.astype(base.dtype)]
+
+
+def _conv(ctx, eqn, invals):
+    side, invals = _pick_tracked(ctx, eqn, invals, allowed=(1,))
+    if side is None:
+        return None
+    x, t = invals
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    base = bind(eqn, [x, t.w])[0]
+    out_ax, in_axes = dn.rhs_spec[0], dn.rhs_spec[1:]
+    if t.analysis:
+        ctx.record(t, "conv", ([t.axes[i] for i in in_axes], [t.axes[out_ax]]))
+        return [base]
+    g_out = t.axis_group(out_ax)
+    g_in = {t.axis_group(i) for i in in_axes}
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or g_out not in ("A", "B"):
+        return None
+    if g_in != ({"A", "B"} - {g_out}):
+        return None
+    f_in, _ = t.view("a" if g_out == "B" else "b")  # the kernel's in/spatial axes in order, then r
+    f_out, _ = t.view("b" if g_out == "B" else "a")  # shape=(out, r)
+    y = lax.conv_general_dilated_p.bind(_dropout(ctx, x, t.leaf.dropout), jnp.moveaxis(f_in, -1, out_ax), **p)
+    c = dn.out_spec[1]
+    low = jnp.moveaxis(jnp.moveaxis(y, c, -1) @ f_out.T, -1, c) * jnp.asarray(t.leaf.scale, y.dtype)
+    return [base + low.astype(base.dtype)]
+
+
+CONSUMERS = {
+    "dot_general": _dot_general,
+    "gather": _gather,
+    "conv_general_dilated": _conv,
+}

@@ -1,0 +1,219 @@
+"""A jaxpr interpreter that evaluates a function with some weights replaced by `Tracked` LoRA values.
+
+Equations without a `Tracked` input are bound as they are. Structural ops (transpose, reshape, cast) are followed;
+`jit` calls are inlined; `scan`, `cond` and `remat` are re-issued with their bodies interpreted; consumers
+(`dot_general`, `conv_general_dilated`, `gather`) run factored (jlora.consumers). Anything else falls back to the
+materialised `W + scale * a @ b`, with a warning naming the parameter and the primitive (an error with strict).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import Literal
+
+from jlora.tracked import Tracked
+
+
+class FactoredFallbackWarning(UserWarning):
+    """A targeted weight reached a primitive jlora cannot compute factored, so W + delta was materialised."""
+
+
+@dataclasses.dataclass
+class Context:
+    """Trace-time state of one interpretation: strictness, analysis records, and the dropout key stream."""
+
+    strict: bool = False
+    records: dict[int, list] | None = None  # analysis mode: leaf index -> [(kind, info), ...]
+    key: Any = None
+    count: int = 0
+
+    def next_key(self):
+        """A fresh key for one use: `fold_in(dropout_key, n)` for the n-th LoRA branch traced."""
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+    def child(self, key) -> Context:
+        return Context(self.strict, self.records, key)
+
+    def record(self, t: Tracked, kind: str, info):
+        if self.records is not None:
+            self.records.setdefault(t.leaf.index, []).append((kind, info))
+
+
+def bind(eqn, invals):
+    """`eqn`'s primitive applied to `invals`, as `jax.core.eval_jaxpr` does it."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def plain(ctx: Context, value, prim: str):
+    """A plain array for `value`, materialising a Tracked one (the fallback path)."""
+    if not isinstance(value, Tracked):
+        return value
+    if value.analysis:
+        ctx.record(value, "fallback", prim)
+        return value.w
+    msg = (f"jlora: the parameter {value.leaf.path!r} {value.leaf.shape} reaches `{prim}`, which jlora cannot "
+           f"compute factored; materialising W + scale * a @ b instead (correct, slower)")
+    if ctx.strict:
+        raise ValueError(msg + ". Use strict=False to allow the fallback, or keep this weight out of targets")
+    warnings.warn(msg + ". Pass strict=True to make this an error.", FactoredFallbackWarning, stacklevel=2)
+    return value.materialize()
+
+
+def fallback(ctx, eqn, invals):
+    return bind(eqn, [plain(ctx, v, eqn.primitive.name) for v in invals])
+
+
+def eval_jaxpr(jaxpr, consts, args, ctx: Context) -> list:
+    """Evaluates an open `jaxpr` on `args`, any of which may be `Tracked`."""
+    from jlora.consumers import CONSUMERS
+
+    env: dict = {}
+
+    def read(v):
+        return v.val if isinstance(v, Literal) else env[v]
+
+    for var, val in zip(jaxpr.constvars, consts):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args):
+        env[var] = val
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(v, Tracked) for v in invals):
+            rule = STRUCTURAL.get(eqn.primitive.name) or CONSUMERS.get(eqn.primitive.name)
+            outs = rule(ctx, eqn, invals) if rule else None
+            if outs is None:
+                outs = fallback(ctx, eqn, invals)
+        else:
+            outs = bind(eqn, invals)
+        for var, val in zip(eqn.outvars, outs):
+            env[var] = val
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _plain_outs(ctx, outs, prim):
+    return [plain(ctx, o, prim) for o in outs]
+
+
+# --- structural rules: each returns the outputs, or None to fall back ---------------------------------------
+def _transpose(ctx, eqn, invals):
+    return [invals[0].transpose(eqn.params["permutation"])]
+
+
+def _convert(ctx, eqn, invals):
+    return [invals[0].astype(eqn.params["new_dtype"])]
+
+
+def _reshape(ctx, eqn, invals):
+    if eqn.params.get("dimensions") is not None:
+        return None
+    out = invals[0].reshape(eqn.params["new_sizes"])
+    return None if out is None else [out]
+
+
+def _identity(ctx, eqn, invals):
+    return [invals[0]]
+
+
+def _jit(ctx, eqn, invals):
+    closed = eqn.params["jaxpr"]
+    return eval_jaxpr(closed.jaxpr, closed.consts, invals, ctx)
+
+
+def _closed_call(ctx, eqn, invals):
+    closed = eqn.params["call_jaxpr"]
+    return eval_jaxpr(closed.jaxpr, closed.consts, invals, ctx)
+
+
+def _remat(ctx, eqn, invals):
+    p = eqn.params
+
+    def body(*args):
+        return _plain_outs(ctx, eval_jaxpr(p["jaxpr"], (), args, ctx), "remat")
+
+    return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
+
+
+def _cond(ctx, eqn, invals):
+    index, *ops = invals
+
+    def branch(closed, *args):
+        return _plain_outs(ctx, eval_jaxpr(closed.jaxpr, closed.consts, args, ctx), "cond")
+
+    return list(lax.switch(index, [functools.partial(branch, br) for br in eqn.params["branches"]], *ops))
+
+
+def _scan_slice(ctx, t: Tracked):
+    """Packs a Tracked scanned over its leading axis as arrays with that axis first, or None if it cannot be."""
+    if len(t.axes[0]) != 1:
+        return None
+    atom = t.axes[0][0]
+    if t.analysis:
+        ctx.record(t, "slice", atom)
+        return (t.w, None, None), atom
+    if t.group(atom) != "P":
+        return None
+    ia, ib = t.labels("a").index(atom), t.labels("b").index(atom)
+    return (t.w, jnp.moveaxis(t.a, ia, 0), jnp.moveaxis(t.b, ib, 0)), atom
+
+
+def _scan(ctx, eqn, invals):
+    p = eqn.params
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts = invals[:n_consts]
+    carry = _plain_outs(ctx, invals[n_consts : n_consts + n_carry], "scan carry")
+    xs, rebuild = [], []
+    for x in invals[n_consts + n_carry :]:
+        packed = _scan_slice(ctx, x) if isinstance(x, Tracked) else None
+        if packed is None:
+            xs.append(plain(ctx, x, "scan"))
+            rebuild.append(None)
+        else:
+            xs.append(packed[0])
+            rebuild.append((x, packed[1]))
+    keys = jax.random.split(ctx.next_key(), p["length"]) if ctx.key is not None else None
+    closed = p["jaxpr"]
+
+    def body(c, inputs):
+        x_slices, key = inputs
+        args = []
+        for x, how in zip(x_slices, rebuild):
+            if how is None:
+                args.append(x)
+            else:
+                t, atom = how
+                w, a, b = x
+                args.append(t.replace(w=w, a=a, b=b, axes=t.axes[1:], removed=t.removed | {atom}))
+        sub = ctx.child(key) if key is not None else dataclasses.replace(ctx, key=None)
+        outs = _plain_outs(ctx, eval_jaxpr(closed.jaxpr, closed.consts, [*consts, *c, *args], sub), "scan")
+        return outs[:n_carry], outs[n_carry:]
+
+    c, ys = lax.scan(body, carry, (xs, keys), length=p["length"], reverse=p["reverse"], unroll=p["unroll"],
+                     _split_transpose=p.get("_split_transpose", False))
+    return [*c, *ys]
+
+
+STRUCTURAL = {
+    "transpose": _transpose,
+    "convert_element_type": _convert,
+    "reshape": _reshape,
+    "copy": _identity,
+    "copy_p": _identity,
+    "jit": _jit,
+    "pjit": _jit,
+    "closed_call": _closed_call,
+    "remat2": _remat,
+    "checkpoint": _remat,
+    "cond": _cond,
+    "scan": _scan,
+}

@@ -1,0 +1,139 @@
+"""Parameter paths: '/'-joined names of pytree leaves, target selection, and sparse nested-dict mirrors."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora.config import LoraConfig, _suffix_match, path_matches
+
+LORA_KEYS = ("lora_a", "lora_b")
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(path) -> str:
+    """'/'-joined names of a `jax.tree_util` key path; NNX's trailing `.value` is dropped."""
+    names = [_key_name(k) for k in path]
+    if names and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] in ("value", "raw_value"):
+        names = names[:-1]
+    return "/".join(names)
+
+
+def named_leaves(tree) -> list[tuple[str, Any]]:
+    """`[(path, leaf), ...]` in flattening order."""
+    return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def is_weight(path: str, leaf) -> bool:
+    """A LoRA candidate: a floating array of at least 2 dims whose name is not `bias`."""
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    return (
+        shape is not None and len(shape) >= 2 and jnp.issubdtype(dtype, jnp.floating)
+        and path.rsplit("/", 1)[-1] != "bias"
+    )
+
+
+def select_targets(variables, config: LoraConfig) -> list[str]:
+    """Paths of the parameters `config.targets` selects (rank_pattern 0 removes one).
+
+    Raises a ValueError listing the candidate weights when nothing matches, or when a predicate picks a leaf
+    that cannot carry an adapter.
+    """
+    leaves = named_leaves(variables)
+    candidates = [(p, x) for p, x in leaves if is_weight(p, x)]
+    targets = config.targets
+    if callable(targets):
+        chosen = [p for p, x in leaves if targets(p, x)]
+        bad = [p for p in chosen if p not in dict(candidates)]
+        if bad:
+            raise ValueError(
+                f"LoraConfig.targets (a predicate) selected {bad}, which are not weights (floating, >= 2-D, not a "
+                f"bias); make the predicate return False for them"
+            )
+    elif isinstance(targets, str):
+        chosen = [p for p, _ in candidates if re.fullmatch(targets, p)]
+    else:
+        chosen = [p for p, _ in candidates if any(_suffix_match(p.rsplit("/", 1)[0], t) or _suffix_match(p, t)
+                                                   for t in targets)]
+        missing = [t for t in targets if not any(_suffix_match(p.rsplit("/", 1)[0], t) or _suffix_match(p, t)
+                                                 for p, _ in candidates)]
+        if missing and chosen:
+            raise ValueError(f"LoraConfig.targets {missing} match no weight; {_candidates_text(candidates)}")
+    chosen = [p for p in chosen if config.rank_for(p) > 0]
+    if not chosen:
+        raise ValueError(f"LoraConfig.targets={targets!r} selects no parameter; {_candidates_text(candidates)}")
+    return chosen
+
+
+def _candidates_text(candidates) -> str:
+    listed = ", ".join(f"{p} {tuple(x.shape)}" for p, x in candidates[:40])
+    more = f" and {len(candidates) - 40} more" if len(candidates) > 40 else ""
+    return f"the candidate weights are: {listed}{more}" if candidates else "the variables hold no weights at all"
+
+
+def trained_in_full(variables, config: LoraConfig, targets: list[str]) -> list[str]:
+    """Paths of leaves that train in full: biases per `config.bias`, and every leaf under `modules_to_save`."""
+    leaves = named_leaves(variables)
+    modules = {t.rsplit("/", 1)[0] for t in targets}
+    out = []
+    for path, leaf in leaves:
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        is_bias = path.rsplit("/", 1)[-1] == "bias"
+        if any(path_matches(path, m) or _under(path, m) for m in config.modules_to_save):
+            out.append(path)
+        elif is_bias and (config.bias == "all" or (config.bias == "lora_only" and parent in modules)):
+            out.append(path)
+    unmatched = [m for m in config.modules_to_save if not any(path_matches(p, m) or _under(p, m) for p, _ in leaves)]
+    if unmatched:
+        mods = sorted({p.rsplit("/", 1)[0] for p, _ in leaves if "/" in p})
+        raise ValueError(f"LoraConfig.modules_to_save {unmatched} match no module; the modules are: {mods[:40]}")
+    clash = sorted(set(out) & set(targets))
+    if clash:
+        raise ValueError(f"{clash} are both LoRA targets and trained in full (modules_to_save); choose one")
+    return out
+
+
+def _under(path: str, module: str) -> bool:
+    """True where some '/'-prefix of `path` is named by `module` (suffix or regex)."""
+    parts = path.split("/")
+    return any(path_matches("/".join(parts[:i]), module) for i in range(1, len(parts)))
+
+
+def nest(flat: Mapping[str, Any]) -> dict:
+    """`{"a/b/c": x}` -> `{"a": {"b": {"c": x}}}`."""
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[last] = value
+    return out
+
+
+def flatten_adapters(adapters) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Splits an adapter tree into `{path: {"lora_a", "lora_b"}}` pairs and `{path: array}` full leaves."""
+    pairs: dict[str, dict] = {}
+    full: dict[str, Any] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping) and set(node) == set(LORA_KEYS):
+            pairs[prefix] = dict(node)
+        elif isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+        elif node is not None:
+            full[prefix] = node
+
+    walk(adapters, "")
+    return pairs, full
