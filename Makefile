@@ -1,0 +1,32 @@
+# `make demo` and `make test` are the whole set-up: each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test lint reference clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e ".[test]"
+	touch $@
+
+# the PyTorch oracles (loralib, PEFT) for the `reference` tests; torch pinned to the CPU build 2.13.0
+$(VENV)/.reference: $(VENV)/.installed
+	$(PIP) install torch==2.13.0
+	echo "torch==2.13.0" > $(VENV)/constraints.txt
+	$(PIP) install loralib==0.1.2 "peft>=0.21" -c $(VENV)/constraints.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m jlora.demo
+
+test: $(VENV)/.reference
+	$(PY) -m ruff check jlora tests
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check jlora tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
