@@ -17,14 +17,18 @@ def _is_dynamic(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
 
 
+def check_arrays(variables):
+    """Raises a TypeError naming the first variables leaf that is not an array."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        if not _is_dynamic(leaf):
+            raise TypeError(f"variables leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}, not an array")
+
+
 def run(fn, variables, args, kwargs, substitute, ctx: Context):
     """Evaluates `fn(variables, *args, **kwargs)` through the interpreter, with the variables' leaf i replaced by
     `substitute(i, leaf)` (a Tracked or the leaf itself). Non-array args and kwargs leaves are static."""
+    check_arrays(variables)
     var_leaves, var_tree = jax.tree_util.tree_flatten(variables)
-    for i, leaf in enumerate(var_leaves):
-        if not _is_dynamic(leaf):
-            path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(variables)[0][i][0])
-            raise TypeError(f"variables leaf {path} is a {type(leaf).__name__}, not an array")
     arg_leaves, arg_tree = jax.tree_util.tree_flatten((args, kwargs))
     dyn = [i for i, x in enumerate(arg_leaves) if _is_dynamic(x)]
 
@@ -56,6 +60,7 @@ class Plan:
 
 def analyse(fn, variables, args, kwargs, targets: dict[int, str]) -> dict[int, list]:
     """Records, per targeted leaf index, the consumers it reaches: [(kind, info), ...]."""
+    check_arrays(variables)
     ctx = Context(records={})
     leaves = jax.tree_util.tree_leaves(variables)
 

@@ -8,6 +8,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
+
 Predicate = Callable[[str, Any], bool]
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -92,6 +94,8 @@ class LoraConfig:
         set_(self, "alpha_pattern", _frozen_items("alpha_pattern", self.alpha_pattern, float))
         fused = _frozen_items("fused", self.fused, tuple)
         set_(self, "fused", tuple((k, tuple(bool(e) for e in v)) for k, v in fused))
+        if self.dtype is not None:
+            set_(self, "dtype", jnp.dtype(self.dtype))
         self._validate()
 
     def _validate(self):
@@ -130,9 +134,7 @@ class LoraConfig:
         if not all(isinstance(m, str) and m for m in self.modules_to_save):
             raise TypeError(f"LoraConfig.modules_to_save must be module names, got {self.modules_to_save!r}")
         if self.dtype is not None:
-            import jax.numpy as jnp
-
-            if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
+            if not jnp.issubdtype(self.dtype, jnp.floating):
                 raise ValueError(f"LoraConfig.dtype must be a floating dtype or None, got {self.dtype!r}")
 
     def _lookup(self, pattern: tuple, path: str, default):
@@ -170,9 +172,7 @@ class LoraConfig:
         for name in ("rank_pattern", "alpha_pattern", "fused"):
             d[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in getattr(self, name)}
         if self.dtype is not None:
-            import jax.numpy as jnp
-
-            d["dtype"] = jnp.dtype(self.dtype).name
+            d["dtype"] = self.dtype.name
         return d
 
     @classmethod
