@@ -133,9 +133,8 @@ class LoraConfig:
                 )
         if not all(isinstance(m, str) and m for m in self.modules_to_save):
             raise TypeError(f"LoraConfig.modules_to_save must be module names, got {self.modules_to_save!r}")
-        if self.dtype is not None:
-            if not jnp.issubdtype(self.dtype, jnp.floating):
-                raise ValueError(f"LoraConfig.dtype must be a floating dtype or None, got {self.dtype!r}")
+        if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
+            raise ValueError(f"LoraConfig.dtype must be a floating dtype or None, got {self.dtype!r}")
 
     def _lookup(self, pattern: tuple, path: str, default):
         for key, value in pattern:

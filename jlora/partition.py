@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax
 
 from jlora.config import LoraConfig
-from jlora.config import path_matches
-from jlora.paths import LORA_KEYS, _under, flatten_adapters, nest, path_str, select_targets, trained_in_full
+from jlora.paths import LORA_KEYS, flatten_adapters, nest, path_str, select_targets, trained_in_full, trains_in_full
 
 
 def split(variables, config: LoraConfig, *, targets: list[str] | None = None) -> tuple[object, dict]:
@@ -50,13 +49,8 @@ def trainable_mask(tree, config: LoraConfig | None = None):
 
     def is_trainable(path, leaf):
         p = path_str(path)
-        module, _, name = p.rpartition("/")
-        if name in LORA_KEYS:
+        if p.rpartition("/")[2] in LORA_KEYS:
             return True
-        if config is None:
-            return False
-        if any(path_matches(p, m) or _under(p, m) for m in config.modules_to_save):
-            return True
-        return name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and module in lora_modules))
+        return config is not None and trains_in_full(p, config, lora_modules)
 
     return jax.tree_util.tree_map_with_path(is_trainable, tree)

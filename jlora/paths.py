@@ -81,18 +81,20 @@ def _candidates_text(candidates) -> str:
     return f"the candidate weights are: {listed}{more}" if candidates else "the variables hold no weights at all"
 
 
+def trains_in_full(path: str, config: LoraConfig, lora_modules: set[str]) -> bool:
+    """True for a leaf that trains in full: under `modules_to_save`, or a bias per `config.bias` (for
+    'lora_only', a bias whose module is in `lora_modules`)."""
+    module, _, name = path.rpartition("/")
+    if any(path_matches(path, m) or _under(path, m) for m in config.modules_to_save):
+        return True
+    return name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and module in lora_modules))
+
+
 def trained_in_full(variables, config: LoraConfig, targets: list[str]) -> list[str]:
     """Paths of leaves that train in full: biases per `config.bias`, and every leaf under `modules_to_save`."""
     leaves = named_leaves(variables)
-    modules = {t.rsplit("/", 1)[0] for t in targets}
-    out = []
-    for path, leaf in leaves:
-        parent = path.rsplit("/", 1)[0] if "/" in path else ""
-        is_bias = path.rsplit("/", 1)[-1] == "bias"
-        if any(path_matches(path, m) or _under(path, m) for m in config.modules_to_save):
-            out.append(path)
-        elif is_bias and (config.bias == "all" or (config.bias == "lora_only" and parent in modules)):
-            out.append(path)
+    modules = {t.rpartition("/")[0] for t in targets}
+    out = [path for path, _ in leaves if trains_in_full(path, config, modules)]
     unmatched = [m for m in config.modules_to_save if not any(path_matches(p, m) or _under(p, m) for p, _ in leaves)]
     if unmatched:
         mods = sorted({p.rsplit("/", 1)[0] for p, _ in leaves if "/" in p})

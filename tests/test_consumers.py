@@ -61,7 +61,7 @@ EMBED = jlora.LoraConfig(rank=3, alpha=5.0, targets=("embedding",))
 
 def test_embedding_lookup_and_init():
     m, ids = nn.Embed(23, 13), jnp.array([[1, 2, 22], [0, 7, 7]])
-    lora, frozen, _ = assert_factored_equals_merged(m.apply, m.init(jax.random.key(0), ids), (ids,), EMBED)
+    lora, _frozen, _ = assert_factored_equals_merged(m.apply, m.init(jax.random.key(0), ids), (ids,), EMBED)
     _, fresh = lora.init(m.init(jax.random.key(0), ids), ids, key=jax.random.key(1))
     pair = fresh["params"]["embedding"]
     assert pair["lora_a"].shape == (23, 3) and pair["lora_b"].shape == (3, 13)
@@ -153,7 +153,7 @@ def test_fused_projection_like_merged_linear():
 
     params, x = {"c_attn": x_of(11, 3 * 13, seed=1)}, x_of(5, 11)
     cfg = jlora.LoraConfig(rank=3, alpha=5.0, targets=("c_attn",), fused={"c_attn": (True, False, True)})
-    lora, frozen, ad = assert_factored_equals_merged(f, params, (x,), cfg)
+    _lora, frozen, ad = assert_factored_equals_merged(f, params, (x,), cfg)
     assert adapter_shapes(ad) == {"c_attn": {"lora_a": (11, 6), "lora_b": (3, 26)}}
     # the disabled k slice gets no update at all
     merged = jlora.merge(frozen, ad, cfg)

@@ -39,7 +39,7 @@ def test_split_combine_round_trip_exact():
 
 
 def test_init_partition_matches_split():
-    lora, frozen, adapters = setup()
+    _lora, frozen, adapters = setup()
     want_frozen, _ = jlora.split(VARS, CFG)
     assert jax.tree.structure(frozen) == jax.tree.structure(want_frozen)
     assert set(adapters["params"]["query"]) == {"kernel", "bias"}
