@@ -124,6 +124,12 @@ def _read_meta(restore, where: str) -> tuple[dict, LoraConfig]:
         config = LoraConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: the saved config is invalid ({e})") from e
+    try:
+        specs = [*meta["arrays"].values(), *(meta["base"] or {}).values()]
+        for s in specs:
+            jax.ShapeDtypeStruct(tuple(s["shape"]), jnp.dtype(s["dtype"]))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: the saved array specs are malformed ({type(e).__name__}: {e})") from e
     return meta, config
 
 
