@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from torch_oracles import TOL, flat, jlora_out_grads, leaf_paths, rand, set_param, to_np, to_torch, torch_out_grads
 
 import jlora
-from jlora.paths import path_str
 
 torch = pytest.importorskip("torch")
 loralib = pytest.importorskip("loralib")
@@ -27,47 +27,6 @@ pytestmark = pytest.mark.reference
 
 IN, OUT, R, BATCH, VOCAB, DIM, D_SLICE = 11, 19, 7, 5, 23, 13, 17
 ALPHA = 3.0  # != R, so alpha / r = 3/7 is visible in every output
-TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _rand(rng, *shape):
-    return rng.standard_normal(shape).astype(np.float32)
-
-
-def _t(x):
-    """numpy -> torch float32 (a copy, so torch never writes into our arrays)."""
-    return torch.from_numpy(np.array(x, dtype=np.float32))
-
-
-def _np(x):
-    return x.detach().cpu().numpy()
-
-
-def _set(param, value):
-    with torch.no_grad():
-        param.copy_(_t(value))
-
-
-def _torch_loss_grads(module, x, probe):
-    """Output of `module(x)` and the grads of `sum(out * probe)` w.r.t. each named parameter that has one."""
-    module.zero_grad()
-    out = module(x)
-    (out * _t(probe)).sum().backward()
-    grads = {n: _np(p.grad) for n, p in module.named_parameters() if p.grad is not None}
-    return _np(out), grads
-
-
-def _jlora_out_grads(lora, frozen, adapters, x, probe, *, jit):
-    """jlora's output and the grads of `sum(out * probe)` w.r.t. the adapters, eager or jitted."""
-
-    def fwd(ad, xx):
-        return lora.apply(frozen, ad, xx)
-
-    def loss(ad, xx):
-        return jnp.sum(fwd(ad, xx) * probe)
-
-    fwd_fn, grad_fn = (jax.jit(fwd), jax.jit(jax.grad(loss))) if jit else (fwd, jax.grad(loss))
-    return np.asarray(fwd_fn(adapters, x)), jax.tree_util.tree_map(np.asarray, grad_fn(adapters, x))
 
 
 class _Dense(nn.Module):
@@ -99,20 +58,20 @@ class _Attn(nn.Module):
 @pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["W(out,in)", "W(in,out)"])
 def test_linear_outputs_and_grads_match_loralib(fan_in_fan_out, jit):
     rng = np.random.default_rng(0)
-    kernel, bias = _rand(rng, IN, OUT), _rand(rng, OUT)  # flax layout (in, out)
-    a, b = _rand(rng, R, IN) / math.sqrt(IN), _rand(rng, OUT, R)  # loralib A (r, in), B (out, r): B non-zero
-    x, probe = _rand(rng, BATCH, IN), _rand(rng, BATCH, OUT)
+    kernel, bias = rand(rng, IN, OUT), rand(rng, OUT)  # flax layout (in, out)
+    a, b = rand(rng, R, IN) / math.sqrt(IN), rand(rng, OUT, R)  # loralib A (r, in), B (out, r): B non-zero
+    x, probe = rand(rng, BATCH, IN), rand(rng, BATCH, OUT)
 
     layer = loralib.Linear(IN, OUT, r=R, lora_alpha=ALPHA, lora_dropout=0.0, fan_in_fan_out=fan_in_fan_out,
                            merge_weights=True)
-    _set(layer.weight, kernel if fan_in_fan_out else kernel.T)
-    _set(layer.bias, bias)
-    _set(layer.lora_A, a)
-    _set(layer.lora_B, b)
+    set_param(layer.weight, kernel if fan_in_fan_out else kernel.T)
+    set_param(layer.bias, bias)
+    set_param(layer.lora_A, a)
+    set_param(layer.lora_B, b)
     assert tuple(layer.weight.shape) == ((IN, OUT) if fan_in_fan_out else (OUT, IN))
     layer.weight.requires_grad_(False)  # loralib freezes W; the bias is trained (bias='all')
     layer.train()
-    t_out, t_grads = _torch_loss_grads(layer, _t(x), probe)
+    t_out, t_grads = torch_out_grads(layer, to_torch(x), probe)
     assert set(t_grads) == {"bias", "lora_A", "lora_B"}
 
     model = _Dense(OUT)
@@ -125,7 +84,7 @@ def test_linear_outputs_and_grads_match_loralib(fan_in_fan_out, jit):
     assert adapters["params"]["proj"]["kernel"]["lora_b"].shape == (R, OUT)
     adapters["params"]["proj"]["kernel"] = {"lora_a": jnp.asarray(a.T), "lora_b": jnp.asarray(b.T)}
 
-    j_out, j_grads = _jlora_out_grads(lora, frozen, adapters, jnp.asarray(x), probe, jit=jit)
+    j_out, j_grads = jlora_out_grads(lora, frozen, adapters, jnp.asarray(x), probe, jit=jit)
     np.testing.assert_allclose(j_out, t_out, **TOL)
     g = j_grads["params"]["proj"]
     np.testing.assert_allclose(g["kernel"]["lora_a"], t_grads["lora_A"].T, **TOL)
@@ -135,7 +94,7 @@ def test_linear_outputs_and_grads_match_loralib(fan_in_fan_out, jit):
     # loralib's eval() folds s * (B A) into W in place; jlora.merge is the pure equivalent.
     layer.eval()
     merged = jlora.merge(frozen, adapters, cfg)["params"]["proj"]
-    w = _np(layer.weight)
+    w = to_np(layer.weight)
     np.testing.assert_allclose(np.asarray(merged["kernel"]), w if fan_in_fan_out else w.T, **TOL)
     np.testing.assert_allclose(np.asarray(merged["bias"]), bias, **TOL)
     np.testing.assert_allclose(np.asarray(model.apply({"params": {"proj": merged}}, jnp.asarray(x))), t_out, **TOL)
@@ -147,19 +106,19 @@ def test_linear_outputs_and_grads_match_loralib(fan_in_fan_out, jit):
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_embedding_outputs_and_grads_match_loralib(jit):
     rng = np.random.default_rng(1)
-    table = _rand(rng, VOCAB, DIM)
-    a, b = _rand(rng, R, VOCAB), _rand(rng, DIM, R)  # loralib A (r, vocab) (zeros at init), B (dim, r)
+    table = rand(rng, VOCAB, DIM)
+    a, b = rand(rng, R, VOCAB), rand(rng, DIM, R)  # loralib A (r, vocab) (zeros at init), B (dim, r)
     ids = rng.integers(0, VOCAB, size=(BATCH, 3))
     ids[0, :] = [0, VOCAB - 1, 0]  # the edges of the table, and a repeated id (grads must accumulate)
-    probe = _rand(rng, BATCH, 3, DIM)
+    probe = rand(rng, BATCH, 3, DIM)
 
     layer = loralib.Embedding(VOCAB, DIM, r=R, lora_alpha=ALPHA, merge_weights=True)
-    _set(layer.weight, table)
-    _set(layer.lora_A, a)
-    _set(layer.lora_B, b)
+    set_param(layer.weight, table)
+    set_param(layer.lora_A, a)
+    set_param(layer.lora_B, b)
     layer.weight.requires_grad_(False)
     layer.train()
-    t_out, t_grads = _torch_loss_grads(layer, torch.from_numpy(ids), probe)
+    t_out, t_grads = torch_out_grads(layer, torch.from_numpy(ids), probe)
     assert set(t_grads) == {"lora_A", "lora_B"}
 
     model = _Embed()
@@ -171,7 +130,7 @@ def test_embedding_outputs_and_grads_match_loralib(jit):
     assert pair["lora_a"].shape == (VOCAB, R) and pair["lora_b"].shape == (R, DIM)
     adapters["params"]["wte"]["embedding"] = {"lora_a": jnp.asarray(a.T), "lora_b": jnp.asarray(b.T)}
 
-    j_out, j_grads = _jlora_out_grads(lora, frozen, adapters, jnp.asarray(ids), probe, jit=jit)
+    j_out, j_grads = jlora_out_grads(lora, frozen, adapters, jnp.asarray(ids), probe, jit=jit)
     np.testing.assert_allclose(j_out, t_out, **TOL)
     g = j_grads["params"]["wte"]["embedding"]
     np.testing.assert_allclose(g["lora_a"], t_grads["lora_A"].T, **TOL)
@@ -179,7 +138,7 @@ def test_embedding_outputs_and_grads_match_loralib(jit):
 
     layer.eval()  # W += (B A)^T * s
     merged = jlora.merge(frozen, adapters, cfg)
-    np.testing.assert_allclose(np.asarray(merged["params"]["wte"]["embedding"]), _np(layer.weight), **TOL)
+    np.testing.assert_allclose(np.asarray(merged["params"]["wte"]["embedding"]), to_np(layer.weight), **TOL)
 
 
 # --- 3. loralib.MergedLinear (GPT-2's c_attn, q and v adapted) --------------------------------------------------
@@ -191,20 +150,20 @@ def test_embedding_outputs_and_grads_match_loralib(jit):
 def test_merged_linear_outputs_and_grads_match_loralib(enable, fan_in_fan_out, jit):
     rng = np.random.default_rng(2)
     n_on, out = sum(enable), 3 * D_SLICE
-    kernel, bias = _rand(rng, IN, out), _rand(rng, out)
-    a = _rand(rng, R * n_on, IN) / math.sqrt(IN)  # loralib A (r * e, in)
-    b = _rand(rng, D_SLICE * n_on, R)  # loralib B (d * e, r), non-zero
-    x, probe = _rand(rng, BATCH, IN), _rand(rng, BATCH, out)
+    kernel, bias = rand(rng, IN, out), rand(rng, out)
+    a = rand(rng, R * n_on, IN) / math.sqrt(IN)  # loralib A (r * e, in)
+    b = rand(rng, D_SLICE * n_on, R)  # loralib B (d * e, r), non-zero
+    x, probe = rand(rng, BATCH, IN), rand(rng, BATCH, out)
 
     layer = loralib.MergedLinear(IN, out, r=R, lora_alpha=ALPHA, lora_dropout=0.0, enable_lora=list(enable),
                                  fan_in_fan_out=fan_in_fan_out, merge_weights=True)
-    _set(layer.weight, kernel if fan_in_fan_out else kernel.T)
-    _set(layer.bias, bias)
-    _set(layer.lora_A, a)
-    _set(layer.lora_B, b)
+    set_param(layer.weight, kernel if fan_in_fan_out else kernel.T)
+    set_param(layer.bias, bias)
+    set_param(layer.lora_A, a)
+    set_param(layer.lora_B, b)
     layer.weight.requires_grad_(False)
     layer.train()
-    t_out, t_grads = _torch_loss_grads(layer, _t(x), probe)
+    t_out, t_grads = torch_out_grads(layer, to_torch(x), probe)
     # the disabled slices get no update from loralib: a sanity check that the oracle is what we think it is
     plain = x @ kernel + bias
     for j, on in enumerate(enable):
@@ -220,7 +179,7 @@ def test_merged_linear_outputs_and_grads_match_loralib(enable, fan_in_fan_out, j
     assert pair["lora_a"].shape == (IN, n_on * R) and pair["lora_b"].shape == (R, n_on * D_SLICE)
     adapters["params"]["c_attn"]["kernel"] = {"lora_a": jnp.asarray(a.T), "lora_b": jnp.asarray(b.T)}
 
-    j_out, j_grads = _jlora_out_grads(lora, frozen, adapters, jnp.asarray(x), probe, jit=jit)
+    j_out, j_grads = jlora_out_grads(lora, frozen, adapters, jnp.asarray(x), probe, jit=jit)
     np.testing.assert_allclose(j_out, t_out, **TOL)
     g = j_grads["params"]["c_attn"]
     np.testing.assert_allclose(g["kernel"]["lora_a"], t_grads["lora_A"].T, **TOL)
@@ -229,7 +188,7 @@ def test_merged_linear_outputs_and_grads_match_loralib(enable, fan_in_fan_out, j
 
     layer.eval()  # W += T(zero_pad(conv1d(A, B, groups=e))) * s
     merged = jlora.merge(frozen, adapters, cfg)["params"]["c_attn"]["kernel"]
-    w = _np(layer.weight)
+    w = to_np(layer.weight)
     np.testing.assert_allclose(np.asarray(merged), w if fan_in_fan_out else w.T, **TOL)
 
 
@@ -268,10 +227,6 @@ _TORCH_TO_JLORA = {
 }
 
 
-def _leaf_paths(tree) -> set[str]:
-    return {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
 def test_trainable_set_matches_mark_only_lora_as_trainable(bias):
     module = _TorchTwoLayer()
@@ -285,23 +240,22 @@ def test_trainable_set_matches_mark_only_lora_as_trainable(bias):
     x = jnp.ones((BATCH, IN), jnp.float32)
     model = _FlaxTwoLayer()
     variables = model.init(jax.random.key(0), x)
-    assert _leaf_paths(variables) | {"params/l1/kernel/lora_a", "params/l1/kernel/lora_b"} == set(
+    assert leaf_paths(variables) | {"params/l1/kernel/lora_a", "params/l1/kernel/lora_b"} == set(
         _TORCH_TO_JLORA.values())
     cfg = jlora.LoraConfig(rank=R, alpha=ALPHA, targets=("l1",), bias=bias)
     frozen, adapters = jlora.lora_transform(model.apply, cfg).init(variables, x, key=jax.random.key(1))
-    assert _leaf_paths(adapters) == expected
+    assert leaf_paths(adapters) == expected
     # frozen holds everything else; its trained-in-full slots are None (dropped by tree flattening)
-    assert _leaf_paths(frozen) == set(_TORCH_TO_JLORA.values()) - expected - {"params/l1/kernel/lora_a",
+    assert leaf_paths(frozen) == set(_TORCH_TO_JLORA.values()) - expected - {"params/l1/kernel/lora_a",
                                                                                 "params/l1/kernel/lora_b"}
     # trainable_mask says the same on the adapters tree, and on (frozen, adapters)
     mask = jlora.trainable_mask(adapters, cfg)
     assert all(jax.tree_util.tree_leaves(mask))
     both = jlora.trainable_mask((frozen, adapters), cfg)
-    flat = {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(both)[0]}
-    assert {p.split("/", 1)[1] for p, m in flat.items() if m} == expected
+    assert {p.split("/", 1)[1] for p, m in flat(both).items() if m} == expected
     # and `split` agrees with init about the trained-in-full leaves
     _, full = jlora.split(variables, cfg)
-    assert _leaf_paths(full) == expected - {"params/l1/kernel/lora_a", "params/l1/kernel/lora_b"}
+    assert leaf_paths(full) == expected - {"params/l1/kernel/lora_a", "params/l1/kernel/lora_b"}
 
 
 # --- 7. init statistics ----------------------------------------------------------------------------------------
@@ -327,7 +281,7 @@ def test_dense_init_matches_loralib_kaiming_uniform():
 
     # the same statistics as loralib's own draw of A (r, in)
     torch.manual_seed(0)
-    t_a = _np(loralib.Linear(n_in, n_out, r=r).lora_A)
+    t_a = to_np(loralib.Linear(n_in, n_out, r=r).lora_A)
     assert np.all(np.abs(t_a) <= bound)
     np.testing.assert_allclose(t_a.var(), var, rtol=0.1)
 
@@ -372,8 +326,8 @@ def test_embed_init_matches_loralib():
     t = loralib.Embedding(vocab, dim, r=r)
     assert a.shape == tuple(t.lora_A.shape[::-1]) and b.shape == tuple(t.lora_B.shape[::-1])
     assert np.all(a == 0)  # loralib: A zeros, B ~ N(0, 1)
-    assert np.all(_np(t.lora_A) == 0)
+    assert np.all(to_np(t.lora_A) == 0)
     # 2048 draws of N(0, 1): mean within 5 sigma (0.11), variance within ~5 sigma (0.16)
     assert abs(b.mean()) < 5 / math.sqrt(b.size)
     np.testing.assert_allclose(b.var(), 1.0, atol=0.16)
-    np.testing.assert_allclose(_np(t.lora_B).var(), 1.0, atol=0.16)
+    np.testing.assert_allclose(to_np(t.lora_B).var(), 1.0, atol=0.16)
