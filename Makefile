@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 $(VENV)/.reference: $(VENV)/.installed
 	$(PIP) install torch==2.13.0
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
-	$(PIP) install loralib==0.1.2 "peft>=0.21" -c $(VENV)/constraints.txt
+	$(PIP) install loralib==0.1.2 "peft>=0.21" "transformers>=5.0" -c $(VENV)/constraints.txt
 	touch $@
 
 demo: $(VENV)/.installed

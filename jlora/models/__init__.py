@@ -1,0 +1,1 @@
+"""Flax models named like their Hugging Face counterparts (GPT-2, BERT, Llama) and their checkpoint readers."""
