@@ -1,1 +1,58 @@
-"""Flax models named like their Hugging Face counterparts (GPT-2, BERT, Llama) and their checkpoint readers."""
+"""Flax models named like their Hugging Face counterparts, and their checkpoint readers.
+
+    module, variables = jlora.models.from_pretrained("minilm")            # a jlora asset name
+    module, variables = jlora.models.from_pretrained("path/to/hf_dir")    # config.json + safetensors
+    module, variables = jlora.models.from_pretrained("model.gguf")        # Llama-architecture GGUF
+
+Parameter paths mirror the Hugging Face module names ('.' -> '/'), so PEFT-style targets ("c_attn", "query",
+"q_proj", ...) work unchanged with `jlora.lora_transform`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from jlora.models import bert, generation, gpt2, hf, llama
+from jlora.models.bert import BertConfig, BertForSequenceClassification, BertModel
+from jlora.models.generation import cached_step, generate
+from jlora.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from jlora.models.llama import Llama, LlamaConfig
+
+ARCHITECTURES = {"gpt2": gpt2, "bert": bert, "roberta": bert, "llama": llama}
+
+
+def from_pretrained(path_or_name: str | os.PathLike, *, dtype=jnp.float32, **kwargs):
+    """`(module, variables)` for a local Hugging Face directory, a `.gguf` file, a jlora asset name or (online) a hub
+    id, dispatched on config.json's `model_type`. Extra keywords go to the architecture's own `from_pretrained`
+    (e.g. `num_labels=`, `key=` for BERT)."""
+    path = hf.resolve(path_or_name)
+    if Path(path).suffix == ".gguf":
+        return llama.from_pretrained(path, dtype=dtype, **kwargs)
+    model_type = hf.read_config(path).get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported; jlora.models has "
+                         f"{sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[model_type].from_pretrained(path, dtype=dtype, **kwargs)
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "BertConfig",
+    "BertForSequenceClassification",
+    "BertModel",
+    "GPT2Config",
+    "GPT2LMHeadModel",
+    "Llama",
+    "LlamaConfig",
+    "bert",
+    "cached_step",
+    "from_pretrained",
+    "generate",
+    "generation",
+    "gpt2",
+    "hf",
+    "llama",
+]
