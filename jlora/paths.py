@@ -85,7 +85,7 @@ def trains_in_full(path: str, config: LoraConfig, lora_modules: set[str]) -> boo
     """True for a leaf that trains in full: under `modules_to_save`, or a bias per `config.bias` (for
     'lora_only', a bias whose module is in `lora_modules`)."""
     module, _, name = path.rpartition("/")
-    if any(path_matches(path, m) or _under(path, m) for m in config.modules_to_save):
+    if any(path_matches(path, m) or under(path, m) for m in config.modules_to_save):
         return True
     return name == "bias" and (config.bias == "all" or (config.bias == "lora_only" and module in lora_modules))
 
@@ -95,7 +95,7 @@ def trained_in_full(variables, config: LoraConfig, targets: list[str]) -> list[s
     leaves = named_leaves(variables)
     modules = {t.rpartition("/")[0] for t in targets}
     out = [path for path, _ in leaves if trains_in_full(path, config, modules)]
-    unmatched = [m for m in config.modules_to_save if not any(path_matches(p, m) or _under(p, m) for p, _ in leaves)]
+    unmatched = [m for m in config.modules_to_save if not any(path_matches(p, m) or under(p, m) for p, _ in leaves)]
     if unmatched:
         mods = sorted({p.rsplit("/", 1)[0] for p, _ in leaves if "/" in p})
         raise ValueError(f"LoraConfig.modules_to_save {unmatched} match no module; the modules are: {mods[:40]}")
@@ -105,7 +105,7 @@ def trained_in_full(variables, config: LoraConfig, targets: list[str]) -> list[s
     return out
 
 
-def _under(path: str, module: str) -> bool:
+def under(path: str, module: str) -> bool:
     """True where some '/'-prefix of `path` is named by `module` (suffix or regex)."""
     parts = path.split("/")
     return any(path_matches("/".join(parts[:i]), module) for i in range(1, len(parts)))
