@@ -32,11 +32,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     A directory is searched for, in order: `tokenizer.json`; `vocab.txt` (BERT WordPiece, with `do_lower_case`,
     `strip_accents` and `tokenize_chinese_chars` from `tokenizer_config.json` when present); `encoder.json` +
     `vocab.bpe` (OpenAI's GPT-2 files) or `vocab.json` + `merges.txt` (GPT-2 byte-level BPE). A file path picks that
-    format (its companion file must sit beside it).
+    format (its companion file must sit beside it); a `.gguf` file gives the byte-level BPE stored inside it.
 
     Args:
         path: str | PathLike, a directory, or a `tokenizer.json`, `vocab.txt`, `encoder.json`, `vocab.bpe`,
-            `vocab.json` or `merges.txt` file.
+            `vocab.json`, `merges.txt` or `.gguf` file.
 
     Returns:
         Tokenizer: BERT adds `[CLS] ... [SEP]` (pass `add_special_tokens=False` to `encode` to leave them out); GPT-2
@@ -56,6 +56,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             return _from_json(path)
         if name == "vocab.txt":
             return wordpiece_from_vocab_file(path)
+        if path.suffix == ".gguf":
+            from jlora.models.gguf import read_tokenizer
+
+            return read_tokenizer(path)
         vocab_name = {v: k for k, v in BPE_PAIRS.items()}.get(name, name)
         if vocab_name in BPE_PAIRS:
             return _bpe_from_pair(directory, vocab_name)

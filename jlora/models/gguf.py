@@ -83,6 +83,16 @@ def build_tokenizer(meta: dict, *, source: str = ""):
     return tokenizer
 
 
+def read_tokenizer(path: str | os.PathLike):
+    """The GGUF file's own tokenizer, without reading (dequantising) its tensors."""
+    import gguf
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such GGUF file: {path}")
+    return build_tokenizer(_metadata(gguf.GGUFReader(path)), source=str(path))
+
+
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], object]:
     """(HF LlamaForCausalLM config dict, {hf_name: float32 array in torch layout, Linear (out, in)}, tokenizer).
 
