@@ -186,3 +186,24 @@ def test_lora_fused_c_attn_factored_equals_merged_with_cache(loaded, ids):
     np.testing.assert_allclose(got_cache["k"], want_cache["k"], atol=1e-5, rtol=1e-5)
     got, _ = lora_apply(frozen, adapters, ids[:, 5:9], cache=got_cache)
     np.testing.assert_allclose(got, apply(merged, ids)[:, 5:9], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.reference
+@pytest.mark.assets
+def test_real_tokenizer_full_vocab_logits_and_greedy_match_transformers(tmp_path, gpt2_tokenizer_dir):
+    """A tiny random GPT-2 with the real 50,257-token vocabulary, fed text through the real GPT-2 tokenizer."""
+    from jlora.models.generation import cached_step, generate
+    from jlora.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(gpt2_tokenizer_dir)
+    prompt = jnp.asarray([tokenizer.encode("The LoRA paper adapts GPT-2 on E2E: name[Alimentum]").ids], jnp.int32)
+    hf_model = save_tiny(tmp_path, seed=3, vocab_size=50257, n_positions=128, n_embd=32, initializer_range=0.2)
+    model, variables = gpt2.from_pretrained(tmp_path)
+    np.testing.assert_allclose(model.apply(variables, prompt), hf_logits(hf_model, prompt), atol=1e-4, rtol=0)
+    out = generate(cached_step(model.apply, variables), prompt, cache=model.init_cache(1, prompt.shape[1] + 20),
+                   max_new_tokens=20)
+    with torch.no_grad():
+        want = hf_model.generate(torch.tensor(np.asarray(prompt)), attention_mask=torch.ones(prompt.shape, dtype=int),
+                                 do_sample=False, max_new_tokens=20, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(np.asarray(out), want)
+    assert tokenizer.decode(np.asarray(out[0]).tolist()).startswith("The LoRA paper")
