@@ -88,8 +88,11 @@ def test_errors_name_the_path_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="line 3"):
         load_tokenizer(tmp_path)
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    with pytest.raises(ValueError, match="not a tokenizer file"):
+    with pytest.raises(ValueError, match=r"model\.gguf is not a readable GGUF file"):
         load_tokenizer(tmp_path / "model.gguf")
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a tokenizer file"):
+        load_tokenizer(tmp_path / "model.bin")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "vocab.txt").write_text("hello\nworld\n")
     with pytest.raises(ValueError, match=r"no '\[UNK\]' token"):

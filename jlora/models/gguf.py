@@ -83,14 +83,21 @@ def build_tokenizer(meta: dict, *, source: str = ""):
     return tokenizer
 
 
-def read_tokenizer(path: str | os.PathLike):
-    """The GGUF file's own tokenizer, without reading (dequantising) its tensors."""
+def _reader(path: Path):
     import gguf
 
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, OSError) as e:
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); is it complete?") from e
+
+
+def read_tokenizer(path: str | os.PathLike):
+    """The GGUF file's own tokenizer, without reading (dequantising) its tensors."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no such GGUF file: {path}")
-    return build_tokenizer(_metadata(gguf.GGUFReader(path)), source=str(path))
+    return build_tokenizer(_metadata(_reader(path)), source=str(path))
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], object]:
@@ -104,7 +111,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], obj
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no such GGUF file: {path}")
-    reader = gguf.GGUFReader(path)
+    reader = _reader(path)
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
     if arch != "llama":
