@@ -7,6 +7,8 @@ the case is not covered, and the interpreter falls back to the materialised weig
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -30,6 +32,31 @@ def _pick_tracked(ctx, eqn, invals, allowed=(0, 1)):
         return None, invals
     side = sides[-1]
     return side, [v if i == side else plain(ctx, v, eqn.primitive.name) for i, v in enumerate(invals)]
+
+
+def _rows_matmul(x, w):
+    """`x @ w` for x (..., k) and w (k, m) as one 2-D matmul (rows flattened; see `_matrix_branch`)."""
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
+def _matrix_branch(x, x_contract, f1, f1_order, f2, tracked_is_lhs: bool, scale: float, kw):
+    """The LoRA branch as two 2-D matmuls: x's free dims flattened to rows, its contracted dims to columns.
+
+    XLA on CPU runs a dot with several contracting dims (the gradient of lora_a for a (batch, seq, in) input) several
+    times slower than the same dot on 2-D operands, so the branch is computed on matrices and reshaped back.
+    """
+    free = [i for i in range(x.ndim) if i not in x_contract]
+    x2 = jnp.transpose(x, free + list(x_contract))
+    rows = x2.shape[: len(free)]
+    x2 = x2.reshape(math.prod(rows), -1)  # shape=(rows, in)
+    a2 = jnp.transpose(f1, [*f1_order, f1.ndim - 1]).reshape(x2.shape[1], -1)  # shape=(in, r)
+    cols = f2.shape[:-1]
+    b2 = jnp.moveaxis(f2, -1, 0).reshape(f2.shape[-1], -1)  # shape=(r, out)
+    tmp = lax.dot(x2, a2, **kw)
+    low = lax.dot(tmp * jnp.asarray(scale, tmp.dtype), b2, **kw).reshape(rows + cols)
+    if tracked_is_lhs:  # dot_general puts the lhs's free dims first
+        low = jnp.transpose(low, [*range(len(rows), low.ndim), *range(len(rows))])
+    return low
 
 
 def _dot_general(ctx, eqn, invals):
@@ -65,14 +92,19 @@ def _dot_general(ctx, eqn, invals):
     first, second = ("b", "a") if contracted == {"B"} else ("a", "b")
     f1, sel1 = t.view(first)
     f2, sel2 = t.view(second)
-    l1 = [t_labels[i] for i in sel1] + [r_label]
-    l2 = [t_labels[i] for i in sel2] + [r_label]
-    keep = set(out) | set(l2)
-    tmp_labels = list(dict.fromkeys(lab for lab in x_labels + l1 if lab in keep))
+    x = _dropout(ctx, x, t.leaf.dropout)
     kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
-    tmp = jnp.einsum(_dropout(ctx, x, t.leaf.dropout), x_labels, f1, l1, tmp_labels, **kw)
-    tmp = tmp * jnp.asarray(t.leaf.scale, tmp.dtype)
-    low = jnp.einsum(tmp, tmp_labels, f2, l2, out, **kw)
+    if not lb and sorted(sel1) == sorted(t_contract) and set(groups) <= {"A", "B"}:
+        x_contract = lc if side == 1 else rc
+        low = _matrix_branch(x, x_contract, f1, [sel1.index(i) for i in t_contract], f2, side == 0, t.leaf.scale, kw)
+    else:
+        l1 = [t_labels[i] for i in sel1] + [r_label]
+        l2 = [t_labels[i] for i in sel2] + [r_label]
+        keep = set(out) | set(l2)
+        tmp_labels = list(dict.fromkeys(lab for lab in x_labels + l1 if lab in keep))
+        tmp = jnp.einsum(x, x_labels, f1, l1, tmp_labels, **kw)
+        tmp = tmp * jnp.asarray(t.leaf.scale, tmp.dtype)
+        low = jnp.einsum(tmp, tmp_labels, f2, l2, out, **kw)
     return [base + low.astype(base.dtype)]
 
 
@@ -101,7 +133,7 @@ def _gather(ctx, eqn, invals):
     params = {**p, "slice_sizes": tuple(sizes)}
     g = lax.gather_p.bind(f1 if k == 0 else f1.T, idx, **params)
     off = dn.offset_dims[0]
-    low = jnp.moveaxis(jnp.moveaxis(g, off, -1) @ f2.T, -1, off) * jnp.asarray(t.leaf.scale, g.dtype)
+    low = jnp.moveaxis(_rows_matmul(jnp.moveaxis(g, off, -1), f2.T), -1, off) * jnp.asarray(t.leaf.scale, g.dtype)
     return [base + low.astype(base.dtype)]
 
 
@@ -127,7 +159,7 @@ def _conv(ctx, eqn, invals):
     f_out, _ = t.view("b" if g_out == "B" else "a")  # shape=(out, r)
     y = lax.conv_general_dilated_p.bind(_dropout(ctx, x, t.leaf.dropout), jnp.moveaxis(f_in, -1, out_ax), **p)
     c = dn.out_spec[1]
-    low = jnp.moveaxis(jnp.moveaxis(y, c, -1) @ f_out.T, -1, c) * jnp.asarray(t.leaf.scale, y.dtype)
+    low = jnp.moveaxis(_rows_matmul(jnp.moveaxis(y, c, -1), f_out.T), -1, c) * jnp.asarray(t.leaf.scale, y.dtype)
     return [base + low.astype(base.dtype)]
 
 
