@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint reference clean
+.PHONY: demo test lint reference clean bench bench-quick
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ test: $(VENV)/.reference
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check jlora tests
+
+# benchmarks (benchmarks/*.py): each writes results/NAME.json and results/NAME.md, then report.py writes
+# results/targets.md. `bench` is the full size (about 15 min on 2 CPU cores); `bench-quick` tiny shapes (about 2 min)
+BENCHMARKS := flops train_step inference checkpoint
+
+bench: $(VENV)/.reference
+	for b in $(BENCHMARKS) report; do $(PY) -m benchmarks.$$b || exit 1; done
+
+bench-quick: $(VENV)/.reference
+	for b in $(BENCHMARKS) report; do $(PY) -m benchmarks.$$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -3,8 +3,8 @@
     python -m benchmarks.flops            # GPT-2 small shape; writes results/flops.json and results/flops.md
     python -m benchmarks.flops --quick    # a tiny shape in seconds; writes results/flops_quick.{json,md}
 
-Three jitted steps on the GPT-2-shaped model of `benchmarks.gpt2_shaped`, each `value_and_grad` of the next-token
-loss followed by `optax.adamw`:
+Three jitted steps (`benchmarks.common.train_steps`) on `jlora.models.gpt2.GPT2LMHeadModel` with random weights,
+each `value_and_grad` of the next-token loss followed by `optax.adamw`:
   full   grad w.r.t. every parameter, adamw on all of them;
   jlora  grad w.r.t. the adapters only, through `lora.apply` (each adapted matmul computed factored,
          `x @ W + scale * (x @ A) @ B`, so no weight gradient dW is formed), adamw on the adapters;
@@ -24,19 +24,15 @@ and otherwise jlora = merge - dW + (a few percent of dW).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import math
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import jlora
-from benchmarks.gpt2_shaped import DENSE_TARGETS, GPT2, GPT2Config, dense_kernels, next_token_loss
+from benchmarks import common
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,14 +40,15 @@ class Config:
     """The benchmark's shape and LoRA settings; the defaults are GPT-2 small."""
 
     n_layer: int = 12  # GPT-2 small: 12 blocks
-    d_model: int = 768  # GPT-2 small
+    n_embd: int = 768  # GPT-2 small
     n_head: int = 12  # 64 dims per head
+    n_positions: int = 1024  # GPT-2 small's position table; only its (full fine-tuning) adamw update grows with it
     seq: int = 128  # a short context keeps the compile quick; attention is a small share at 128
     batch: int = 8  # 8 batch * 128 seq = 1,024 tokens/step
-    vocab: int = 50257  # GPT-2's vocabulary; the tied lm head is about a third of the forward FLOPs at this shape
+    vocab_size: int = 50257  # GPT-2's vocabulary; the tied lm head is about a third of the forward FLOPs here
     rank: int = 8  # the LoRA paper's usual r
     alpha: float = 16.0  # scale alpha / r = 2; FLOPs do not depend on it
-    targets: tuple[str, ...] = DENSE_TARGETS  # every dense kernel: attn c_attn, attn c_proj, mlp c_fc, mlp c_proj
+    targets: tuple[str, ...] = common.DENSE_TARGETS  # every dense kernel: attn c_attn, c_proj; mlp c_fc, c_proj
     learning_rate: float = 1e-4  # adamw's; FLOPs do not depend on it
     out_dir: str = "results"  # where flops.json and flops.md go
     name: str = "flops"  # file stem of the results
@@ -60,19 +57,20 @@ class Config:
     def tokens(self) -> int:
         return self.batch * self.seq
 
+    def for_gpu(self) -> Config:
+        return self  # FLOP counts are of the same float32 program; only the backend's compiler differs
 
-QUICK = Config(n_layer=2, d_model=64, n_head=4, seq=16, batch=4, vocab=97, rank=4, name="flops_quick")
 
-STEPS = ("full", "jlora", "merge")
+QUICK = Config(n_layer=2, n_embd=64, n_head=4, n_positions=16, seq=16, batch=4, vocab_size=97, rank=4,
+               name="flops_quick")
+
+STEPS = common.STEPS
 TITLES = {"full": "full fine-tuning", "jlora": "jlora (factored)", "merge": "merge-then-apply"}
 
 
 def compiled_flops(fn, *args) -> float:
     """XLA's FLOP count for `jax.jit(fn)` compiled for `args` (arrays or `jax.ShapeDtypeStruct`s)."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-        return float(sum(c.get("flops", 0.0) for c in cost if c))
-    return float(cost["flops"])
+    return common.xla_cost(jax.jit(fn).lower(*args).compile())["flops"]
 
 
 def build(config: Config, *, abstract: bool = True):
@@ -82,8 +80,7 @@ def build(config: Config, *, abstract: bool = True):
     structs with `abstract=True`, real arrays otherwise), and `info` holds the model, lora, config and the
     adapted kernels' shapes. Each step returns (new trainable tree, new optimizer state, loss).
     """
-    model = GPT2(GPT2Config(n_layer=config.n_layer, d_model=config.d_model, n_head=config.n_head,
-                            seq=config.seq, vocab=config.vocab))
+    model = common.gpt2(config)
     cfg = jlora.LoraConfig(rank=config.rank, alpha=config.alpha, targets=config.targets)
     lora = jlora.lora_transform(model.apply, cfg, strict=True)  # a materialising fallback would be an error
     opt = optax.adamw(config.learning_rate)
@@ -97,35 +94,16 @@ def build(config: Config, *, abstract: bool = True):
     if abstract:
         variables, frozen, adapters, full_state, lora_state = jax.eval_shape(init, tokens)
     else:
-        tokens = jax.random.randint(jax.random.key(2), tokens.shape, 0, config.vocab, tokens.dtype)
+        tokens = common.tokens(jax.random.key(2), config.batch, config.seq, config.vocab_size)
         variables, frozen, adapters, full_state, lora_state = init(tokens)
 
-    def update(tree, grads, state, loss):
-        updates, state = opt.update(grads, state, tree)
-        return optax.apply_updates(tree, updates), state, loss
-
-    def full(variables, state, tokens):
-        loss, grads = jax.value_and_grad(lambda v: next_token_loss(model.apply(v, tokens), tokens))(variables)
-        return update(variables, grads, state, loss)
-
-    def factored(frozen, adapters, state, tokens):
-        loss, grads = jax.value_and_grad(lambda a: next_token_loss(lora.apply(frozen, a, tokens), tokens))(adapters)
-        return update(adapters, grads, state, loss)
-
-    def merged(frozen, adapters, state, tokens):
-        def loss_fn(a):
-            return next_token_loss(model.apply(jlora.merge(frozen, a, cfg), tokens), tokens)
-
-        loss, grads = jax.value_and_grad(loss_fn)(adapters)
-        return update(adapters, grads, state, loss)
-
-    steps = {"full": full, "jlora": factored, "merge": merged}
+    steps = common.train_steps(model, lora, opt)
     args = {
         "full": (variables, full_state, tokens),
         "jlora": (frozen, adapters, lora_state, tokens),
         "merge": (frozen, adapters, lora_state, tokens),
     }
-    info = {"model": model, "lora": lora, "lora_config": cfg, "kernels": dense_kernels(frozen),
+    info = {"model": model, "lora": lora, "lora_config": cfg, "kernels": common.dense_kernels(frozen),
             "variables": variables, "frozen": frozen, "adapters": adapters}
     return steps, args, info
 
@@ -139,8 +117,8 @@ def analytic(config: Config, kernels: dict[str, tuple[int, ...]], variables, ada
         "dW_flops": sum(2 * t * i * o for i, o in kernels.values()),
         "lora_branch_flops": sum(6 * t * r * (i + o) for i, o in kernels.values()),
         "merge_factor_flops": sum(6 * r * i * o for i, o in kernels.values()),
-        "params_total": sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(variables)),
-        "params_trainable": sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(adapters)),
+        "params_total": common.count(variables),
+        "params_trainable": common.count(adapters),
     }
 
 
@@ -175,9 +153,10 @@ def table(result: dict) -> str:
     lines = [
         f"# Train-step FLOPs (XLA cost analysis, {result['backend']}, jax {result['jax']})",
         "",
-        f"GPT-2-shaped: n_layer={c['n_layer']}, d_model={c['d_model']}, n_head={c['n_head']}, seq={c['seq']}, "
-        f"batch={c['batch']}, vocab={c['vocab']}; LoRA rank={c['rank']} on {', '.join(c['targets'])} "
-        f"({a['adapted_kernels']} kernels); {a['tokens_per_step']:,} tokens/step; adamw.",
+        f"jlora.models.gpt2 GPT2LMHeadModel: n_layer={c['n_layer']}, n_embd={c['n_embd']}, n_head={c['n_head']}, "
+        f"n_positions={c['n_positions']}, seq={c['seq']}, batch={c['batch']}, vocab_size={c['vocab_size']}; "
+        f"LoRA rank={c['rank']} on {', '.join(c['targets'])} ({a['adapted_kernels']} kernels); "
+        f"{a['tokens_per_step']:,} tokens/step; adamw.",
         f"Parameters: {a['params_total']:,} total, {a['params_trainable']:,} trainable with LoRA "
         f"({100 * a['params_trainable'] / a['params_total']:.2f}%).",
         "",
@@ -199,18 +178,12 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny shape (2 layers, d 64) instead of GPT-2 small")
-    config = QUICK if parser.parse_args(argv).quick else Config()
+    config = common.choose(common.parser(__doc__).parse_args(argv), Config(), QUICK)
     result = measure(config)
     report = table(result)
     print()
     print(report)
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{config.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{config.name}.md").write_text(report)
-    print(f"wrote {out / (config.name + '.json')} and {out / (config.name + '.md')}")
+    common.write_results(config, result, report)
     return 0
 
 

@@ -2,9 +2,10 @@
 
     python -m jlora.demo      # what `make demo` runs; about 20-30 s on 2 CPU cores
 
-The model is a 2-layer GPT-2-shaped decoder (Hugging Face names: fused `c_attn` q|k|v, `c_proj`, `c_fc`) with
-random, frozen weights. The task is next-token prediction on arithmetic sequences `x[t+1] = x[t] + s (mod vocab)`,
-with a stride `s` drawn per sequence, so the model must attend to earlier tokens to infer `s`. Only LoRA adapters
+The model is a 2-layer `jlora.models.gpt2.GPT2LMHeadModel` (Hugging Face names: fused `c_attn` q|k|v, `c_proj`,
+`c_fc`; lm head tied to `wte`) with random, frozen weights. The task is next-token prediction on arithmetic
+sequences `x[t+1] = x[t] + s (mod vocab)`, with a stride `s` drawn per sequence, so the model must attend to earlier
+tokens to infer `s`. Only LoRA adapters
 train (rank 8 on q and v of `c_attn`, loralib's MergedLinear `enable_lora=[True, False, True]`, and on `c_fc`).
 Then the adapters are saved and reloaded, merged into plain variables, and the merged model is checked against the
 factored one. Any failed check exits non-zero.
@@ -23,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 
 import jlora
+from jlora.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,52 +51,15 @@ class Config:
     merge_atol: float = 1e-4  # |model.apply(merged) - lora.apply| must stay below this
 
 
-class Attention(nn.Module):
-    config: Config
-
-    @nn.compact
-    def __call__(self, x):  # x: shape=(batch, seq, d)
-        b, t, d = x.shape
-        h = self.config.n_head
-        q, k, v = jnp.split(nn.Dense(3 * d, name="c_attn")(x), 3, axis=-1)  # fused q|k|v, kernel (d, 3d)
-        q, k, v = (z.reshape(b, t, h, d // h) for z in (q, k, v))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
-        scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, jnp.finfo(scores.dtype).min)
-        y = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, t, d)
-        return nn.Dense(d, name="c_proj")(y)
-
-
-class MLP(nn.Module):
-    config: Config
-
-    @nn.compact
-    def __call__(self, x):
-        d = self.config.d_model
-        return nn.Dense(d, name="c_proj")(nn.gelu(nn.Dense(4 * d, name="c_fc")(x), approximate=True))
-
-
-class Block(nn.Module):
-    config: Config
-
-    @nn.compact
-    def __call__(self, x):
-        x = x + Attention(self.config, name="attn")(nn.LayerNorm(name="ln_1")(x))
-        return x + MLP(self.config, name="mlp")(nn.LayerNorm(name="ln_2")(x))
-
-
-class TinyGPT(nn.Module):
-    """tokens int (batch, seq) -> logits (batch, seq, vocab); the lm head is tied to `wte`."""
-
-    config: Config
-
-    @nn.compact
-    def __call__(self, tokens):
-        c = self.config
-        wte = nn.Embed(c.vocab, c.d_model, embedding_init=nn.initializers.normal(c.embed_std), name="wte")
-        x = wte(tokens) + nn.Embed(c.seq, c.d_model, name="wpe")(jnp.arange(tokens.shape[-1]))
-        for i in range(c.n_layer):
-            x = Block(c, name=f"h_{i}")(x)
-        return wte.attend(nn.LayerNorm(name="ln_f")(x))
+def make_model(config: Config, example, key) -> tuple[GPT2LMHeadModel, dict]:
+    """The frozen model and its random variables; the tied embedding `wte` redrawn from N(0, embed_std^2)."""
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=config.vocab, n_positions=config.seq, n_embd=config.d_model,
+                                       n_layer=config.n_layer, n_head=config.n_head))
+    key_init, key_wte = jax.random.split(key)
+    variables = model.init(key_init, example)
+    wte = variables["params"]["transformer"]["wte"]
+    wte["embedding"] = config.embed_std * jax.random.normal(key_wte, wte["embedding"].shape, wte["embedding"].dtype)
+    return model, variables
 
 
 def make_batch(key, config: Config):
@@ -139,10 +103,9 @@ def main(config: Config | None = None) -> int:
             failures.append(message)
 
     key_data, key_eval = jax.random.split(jax.random.key(config.seed + 1))
-    model = TinyGPT(config)
     example = make_batch(key_data, config)
-    variables = model.init(jax.random.key(config.seed), example)
-    print(f"model: {config.n_layer}-layer GPT-2-shaped decoder, d_model={config.d_model}, vocab={config.vocab}, "
+    model, variables = make_model(config, example, jax.random.key(config.seed))
+    print(f"model: {config.n_layer}-layer GPT-2 (jlora.models.gpt2), n_embd={config.d_model}, vocab={config.vocab}, "
           f"seq={config.seq}; random weights, frozen")
     floor = math.log(config.max_stride) / (config.seq - 1)
     print(f"task: x[t+1] = x[t] + s mod {config.vocab}, stride s in 1..{config.max_stride} per sequence "
@@ -155,7 +118,7 @@ def main(config: Config | None = None) -> int:
     frozen, adapters = lora.init(variables, example, key=jax.random.key(config.seed + 2))
     print(f"\nLoRA rank {config.rank}, alpha {config.alpha:g} on c_attn (q, v of q|k|v) and c_fc:")
     for path, leaf in jax.tree_util.tree_leaves_with_path(adapters):
-        print(f"  {'/'.join(str(k.key) for k in path):42s} {tuple(leaf.shape)}")
+        print(f"  {'/'.join(str(k.key) for k in path):52s} {tuple(leaf.shape)}")
     n_base, n_train = count(variables), count(adapters)
     print(f"parameters: {n_train:,} trainable / {n_base + n_train:,} total "
           f"({100 * n_train / (n_base + n_train):.2f}%; the base's {n_base:,} stay frozen)")

@@ -1,8 +1,8 @@
 """Cost of a jlora train step, checked deterministically: XLA FLOP counts, HLO contents, trace counts (no timing).
 
-The steps are those of `benchmarks.flops` on a small GPT-2-shaped model with every dense kernel adapted. Dims are
-distinct (d_model 64, batch 2, seq 8, rank 4, vocab 97) so the kernels' 2-D shapes (64, 192), (64, 64), (64, 256),
-(256, 64) are produced by no dot other than a weight gradient or a merged delta.
+The steps are those of `benchmarks.flops` on a small `jlora.models.gpt2.GPT2LMHeadModel` with every dense kernel
+adapted. Dims are distinct (n_embd 64, batch 2, seq 8, rank 4, vocab 97) so the kernels' 2-D shapes (64, 192),
+(64, 64), (64, 256), (256, 64) are produced by no dot other than a weight gradient or a merged delta.
 """
 
 import re
@@ -16,10 +16,10 @@ from benchmarks import flops  # a top-level folder on pytest's pythonpath (pypro
 
 # 2 batch * 8 seq = 16 tokens/step: fewer than in * out / (in + out) >= 32 for every kernel, so jlora's LoRA branch
 # (6 T r (in + out)) costs less than merge's factor math (6 r in out) and jlora <= merge - dW holds exactly
-SMALL = flops.Config(n_layer=2, d_model=64, n_head=4, seq=8, batch=2, vocab=97, rank=4)
+SMALL = flops.Config(n_layer=2, n_embd=64, n_head=4, n_positions=8, seq=8, batch=2, vocab_size=97, rank=4)
 # 4 batch * 16 seq = 64 tokens/step: the branch now costs more than the factor math, so only
 # jlora <= merge - dW + branch holds; the gap is still most of dW
-MORE_TOKENS = flops.Config(n_layer=2, d_model=64, n_head=4, seq=16, batch=4, vocab=97, rank=4)
+MORE_TOKENS = flops.Config(n_layer=2, n_embd=64, n_head=4, n_positions=16, seq=16, batch=4, vocab_size=97, rank=4)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_jlora_step_does_not_retrace():
     step = jax.jit(chex.assert_max_traces(steps["jlora"], n=1))
     losses = []
     for seed in range(3):
-        batch = jax.random.randint(jax.random.key(10 + seed), tokens.shape, 0, SMALL.vocab, tokens.dtype)
+        batch = jax.random.randint(jax.random.key(10 + seed), tokens.shape, 0, SMALL.vocab_size, tokens.dtype)
         adapters, state, loss = step(frozen, adapters, state, batch)
         losses.append(float(loss))
     assert np.all(np.isfinite(losses)) and len(set(losses)) == 3, losses
