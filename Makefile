@@ -22,11 +22,11 @@ demo: $(VENV)/.installed
 	$(PY) -m jlora.demo
 
 test: $(VENV)/.reference
-	$(PY) -m ruff check jlora tests
+	$(PY) -m ruff check jlora tests benchmarks experiments
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check jlora tests
+	$(PY) -m ruff check jlora tests benchmarks experiments
 
 # benchmarks (benchmarks/*.py): each writes results/NAME.json and results/NAME.md, then report.py writes
 # results/targets.md. `bench` is the full size (about 15 min on 2 CPU cores); `bench-quick` tiny shapes (about 2 min)
