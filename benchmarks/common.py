@@ -235,6 +235,9 @@ def progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="run", leave=False, disable=None, file=sys.stderr)
 
 
+MIN_LOAD_RUN_S = 0.2  # shorter runs get no `other load` figure (/proc/stat counts in 10 ms ticks)
+
+
 def machine_busy_s() -> float | None:
     """CPU seconds all processes have spent busy since boot (/proc/stat: user, nice, system, irq, softirq, steal)."""
     try:
@@ -253,7 +256,8 @@ def interleaved(runs: dict[str, Callable[[], Any]], *, warmup: int, repeats: int
     ...), so a slow drift of a shared machine hits all contenders alike; `warmup` untimed rounds come first (the
     first call compiles). Returns {name: [seconds of each timed run]}. With `others`, also fills
     `others[name]` with the CPU cores that OTHER processes kept busy during each timed run (machine-wide busy CPU
-    time from /proc/stat minus this process's own, over the run's wall time): ~0 on a quiet machine."""
+    time from /proc/stat minus this process's own, over the run's wall time): ~0 on a quiet machine; None for
+    runs under `MIN_LOAD_RUN_S`, which /proc/stat's 10 ms ticks cannot resolve."""
     names = list(runs)
     times: dict[str, list[float]] = {n: [] for n in names}
     if others is not None:
@@ -270,19 +274,26 @@ def interleaved(runs: dict[str, Callable[[], Any]], *, warmup: int, repeats: int
                 if k >= warmup:
                     times[name].append(elapsed)
                     if others is not None:
-                        others[name].append(max(busy - own, 0.0) / elapsed)
+                        others[name].append(max(busy - own, 0.0) / elapsed if elapsed >= MIN_LOAD_RUN_S else None)
                 bar.update()
     return times
 
 
-def summary(times: list[float], others: list[float] | None = None) -> dict[str, Any]:
+def summary(times: list[float], others: list[float | None] | None = None) -> dict[str, Any]:
     """{"median_s", "min_s", "max_s", "n", "times_s"} of a list of seconds; with `others` (from `interleaved`),
-    also "other_cores" (per run) and "other_cores_median"."""
+    also "other_cores" (per run) and "other_cores_median" (None when no run was long enough to tell)."""
     out = {"median_s": float(np.median(times)), "min_s": float(min(times)), "max_s": float(max(times)),
            "n": len(times), "times_s": [float(t) for t in times]}
     if others is not None:
-        out.update(other_cores=[round(float(x), 3) for x in others], other_cores_median=float(np.median(others)))
+        known = [x for x in others if x is not None]
+        out.update(other_cores=[None if x is None else round(float(x), 3) for x in others],
+                   other_cores_median=float(np.median(known)) if known else None)
     return out
+
+
+def cores(x: float | None) -> str:
+    """An `other load` figure: '1.01', or 'n/a' where runs were too short to tell."""
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def block(tree):

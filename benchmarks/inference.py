@@ -1,6 +1,6 @@
 """Inference with LoRA: the base model vs merged adapters vs factored adapters, forward passes and generation.
 
-    python -m benchmarks.inference                 # GPT-2 small + SmolLM2-135M (about 3-4 min on 2 cores)
+    python -m benchmarks.inference                 # GPT-2 small + SmolLM2-135M (about 3-5 min on 2 cores)
     python -m benchmarks.inference --quick         # a 2-layer, d 64 GPT-2 in seconds; inference_quick.{json,md}
     python -m benchmarks.inference --no-smollm2    # without the SmolLM2 generation (which needs the asset)
 
@@ -241,7 +241,7 @@ def table(config: Config, result: dict[str, Any]) -> str:
         for b in batches:
             x = b["contenders"][n]
             row += [common.secs(x["median_s"]), f"{x['ratio_to_base']:.3f}", f"{x['tokens_per_s']:,.0f}",
-                    f"{x['other_cores_median']:.2f}"]
+                    common.cores(x["other_cores_median"])]
         rows.append(row)
     lines.append(common.md_table(header, rows))
     mt = info["merge_time"]
@@ -256,7 +256,7 @@ def table(config: Config, result: dict[str, Any]) -> str:
             x = gen["contenders"][n]
             rows.append([gen["model"], n, f"{gen['batch']} x ({gen['prompt_tokens']} + {gen['new_tokens']})",
                          common.secs(x["median_s"]), f"{x['ratio_to_base']:.3f}", f"{x['new_tokens_per_s']:,.1f}",
-                         f"{x['other_cores_median']:.2f}", f"{gen['compile_and_first_call_s'][n]:.1f}"])
+                         common.cores(x["other_cores_median"]), f"{gen['compile_and_first_call_s'][n]:.1f}"])
     lines.append(common.md_table(["model", "contender", "batch x (prompt + new)", "median (s)", "/ base",
                                   "new tokens/s", "other load", "first call (s)"], rows, align="llrrrrrr"))
     for gen in result["generation"].values():

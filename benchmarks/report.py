@@ -77,7 +77,8 @@ def train_rows(config: Config, ts: dict[str, Any] | None) -> list[dict[str, Any]
 
     def load(*names):
         try:
-            return "other load " + "/".join(f"{con[n]['time']['other_cores_median']:.2f}" for n in names) + " cores"
+            figures = "/".join(common.cores(con[n]["time"]["other_cores_median"]) for n in names)
+            return f"other load {figures} cores"
         except KeyError:
             return ""
 
@@ -175,7 +176,7 @@ def measure(config: Config) -> dict[str, Any]:
     rows = train_rows(config, ts) + inference_rows(config, inf)
     sources = {n: (r["created_utc"], r["machine"]["loadavg"]) if r else None
                for n, r in (("train_step", ts), ("inference", inf))}
-    return {"rows": rows, "sources": sources,
+    return {"rows": rows, "sources": sources, "quick": bool(config.suffix),
             "met": sum(r["status"] == "met" for r in rows), "missed": sum(r["status"] == "missed" for r in rows),
             "not_measured": sum(r["status"] == "not measured" for r in rows)}
 
@@ -183,6 +184,9 @@ def measure(config: Config) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     lines = ["# Targets (ratios measured within one run of each benchmark)", "",
              f"{result['met']} met, {result['missed']} missed, {result['not_measured']} not measured.", ""]
+    if result["quick"]:
+        lines += ["Quick mode: tiny shapes that only check the code runs; these ratios say nothing about the "
+                  "targets (run `make bench`).", ""]
     rows = [[r["target"], _fmt(r["measured"]), f"{r['threshold']:g}", f"**{r['status']}**", r["how"],
              r["note"], r["source"]] for r in result["rows"]]
     lines.append(common.md_table(["target", "measured ratio", "threshold", "status", "how", "also", "from"], rows,

@@ -1,6 +1,6 @@
 """One AdamW train step on GPT-2 small: full fine-tuning vs jlora vs merge-then-apply vs PEFT (PyTorch), timed.
 
-    python -m benchmarks.train_step             # GPT-2 small, batch 8 and 1 (about 6-9 min on 2 cores)
+    python -m benchmarks.train_step             # GPT-2 small, batch 8 and 1 (8-14 min on the shared 2-core CPU)
     python -m benchmarks.train_step --quick     # a 2-layer, d 64 model in seconds; train_step_quick.{json,md}
     python -m benchmarks.train_step --no-peft   # the JAX contenders only
 
@@ -62,7 +62,7 @@ class Config:
     learning_rate: float = 1e-4  # adamw (optax and torch); the timing does not depend on it
     dtype: str = "float32"  # computation dtype (parameters stay float32); "bfloat16" on a GPU
     warmup: int = 1  # untimed rounds: the first call of a compiled step, allocator and cache warm-up
-    repeats: tuple[int, ...] = (5, 9)  # timed rounds per batch size: a batch-8 round of 7 contenders takes 20-40 s
+    repeats: tuple[int, ...] = (5, 7)  # timed rounds per batch size: a batch-8 round of 7 contenders takes 20-50 s
     compile_repeats: int = 3  # fresh trace + lower + compile per JAX contender (at the first batch; ~5 s each)
     memory_batches: tuple[int, ...] = (8,)  # batch sizes at which each contender's child process measures peak RSS
     memory_names: tuple[str, ...] = ()  # the contenders measured so (each child ~20 s here); () means all of them
@@ -176,7 +176,9 @@ def jax_run(setup: JaxSetup, name: str, *, copy: bool) -> tuple[JaxRun, dict[str
 # --- PEFT (PyTorch) contender ---------------------------------------------------------------------------------------
 
 def peft_available() -> str | None:
-    """None when the PEFT contender can run here, else why not."""
+    """None when the PEFT contender can run here, else why not. Sets OMP_WAIT_POLICY=PASSIVE (unless set) before
+    torch loads OpenMP: on a shared 2-core CPU, torch's spinning waiters made the same PEFT step 4-5x slower."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import peft  # noqa: F401
         import torch
@@ -395,7 +397,7 @@ def table(config: Config, result: dict[str, Any]) -> str:
                 rows.append([n, f"{x['trainable_params']:,}", common.secs(t["median_s"]),
                              f"{common.secs(t['min_s'])}–{common.secs(t['max_s'])}", f"{x['ratio_to_full']:.3f}",
                              f"{x['ratio_to_full_of_min']:.3f}", f"{x['tokens_per_s']:,.0f}",
-                             f"{t['other_cores_median']:.2f}", f"{x['losses'][0]:.4f}"])
+                             common.cores(t["other_cores_median"]), f"{x['losses'][0]:.4f}"])
             lines.append(common.md_table(["contender", "trainable params", "median step (s)", "min–max (s)",
                                           "/ full", "min / full min", "tokens/s", "other load (cores)",
                                           "first loss"], rows))

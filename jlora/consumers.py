@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora.interpreter import bind, plain
+from jlora.lowrank import adapted_matmul
 from jlora.tracked import Tracked
 
 
@@ -39,6 +40,13 @@ def _rows_matmul(x, w):
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
+def _factor_matrices(f1, f1_order, f2, n_in: int):
+    """The factors as matrices: a2 shape=(in, r) with its axes in `f1_order`, b2 shape=(r, out); and out's dims."""
+    a2 = jnp.transpose(f1, [*f1_order, f1.ndim - 1]).reshape(n_in, -1)
+    b2 = jnp.moveaxis(f2, -1, 0).reshape(f2.shape[-1], -1)
+    return a2, b2, f2.shape[:-1]
+
+
 def _matrix_branch(x, x_contract, f1, f1_order, f2, tracked_is_lhs: bool, scale: float, kw):
     """The LoRA branch as two 2-D matmuls: x's free dims flattened to rows, its contracted dims to columns.
 
@@ -49,14 +57,23 @@ def _matrix_branch(x, x_contract, f1, f1_order, f2, tracked_is_lhs: bool, scale:
     x2 = jnp.transpose(x, free + list(x_contract))
     rows = x2.shape[: len(free)]
     x2 = x2.reshape(math.prod(rows), -1)  # shape=(rows, in)
-    a2 = jnp.transpose(f1, [*f1_order, f1.ndim - 1]).reshape(x2.shape[1], -1)  # shape=(in, r)
-    cols = f2.shape[:-1]
-    b2 = jnp.moveaxis(f2, -1, 0).reshape(f2.shape[-1], -1)  # shape=(r, out)
+    a2, b2, cols = _factor_matrices(f1, f1_order, f2, x2.shape[1])
     tmp = lax.dot(x2, a2, **kw)
     low = lax.dot(tmp * jnp.asarray(scale, tmp.dtype), b2, **kw).reshape(rows + cols)
     if tracked_is_lhs:  # dot_general puts the lhs's free dims first
         low = jnp.transpose(low, [*range(len(rows), low.ndim), *range(len(rows))])
     return low
+
+
+def _plain_layer(x, xd, t: Tracked, k: int, f1, f1_order, f2, kw):
+    """`x @ W` with x's last k dims contracted with W's first k (nn.Dense, DenseGeneral): the whole adapted product
+    through `adapted_matmul`, whose derivative rule keeps one output buffer (see jlora.lowrank)."""
+    rows = x.shape[: x.ndim - k]
+    x2, xd2 = (v.reshape(math.prod(rows), -1) for v in (x, xd))  # shape=(rows, in)
+    a2, b2, cols = _factor_matrices(f1, f1_order, f2, x2.shape[1])
+    w2 = t.w.reshape(x2.shape[1], -1)  # shape=(in, out)
+    out = adapted_matmul(x2, xd2, w2, a2, b2, t.leaf.scale, kw["precision"], kw["preferred_element_type"])
+    return out.reshape(rows + cols)
 
 
 def _dot_general(ctx, eqn, invals):
@@ -67,11 +84,10 @@ def _dot_general(ctx, eqn, invals):
     x = invals[1 - side]
     p = eqn.params
     (lc, rc), (lb, rb) = p["dimension_numbers"]
-    base = bind(eqn, [t.w if i == side else v for i, v in enumerate(invals)])[0]
     t_contract, t_batch = (lc, lb) if side == 0 else (rc, rb)
     if t.analysis:
         ctx.record(t, "dot", ([t.axes[i] for i in t_contract], [t.axes[i] for i in t_batch]))
-        return [base]
+        return bind(eqn, [t.w if i == side else v for i, v in enumerate(invals)])
     groups = [t.axis_group(i) for i in range(len(t.axes))]
     if None in groups or any(groups[i] == "P" for i in t_contract):
         return None
@@ -92,9 +108,18 @@ def _dot_general(ctx, eqn, invals):
     first, second = ("b", "a") if contracted == {"B"} else ("a", "b")
     f1, sel1 = t.view(first)
     f2, sel2 = t.view(second)
-    x = _dropout(ctx, x, t.leaf.dropout)
+    xd = _dropout(ctx, x, t.leaf.dropout)
     kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
-    if not lb and sorted(sel1) == sorted(t_contract) and set(groups) <= {"A", "B"}:
+    matrix = not lb and sorted(sel1) == sorted(t_contract) and set(groups) <= {"A", "B"}
+    k = len(t_contract)
+    if matrix and side == 1 and tuple(t_contract) == tuple(range(k)) and tuple(lc) == tuple(range(x.ndim - k, x.ndim)):
+        out = _plain_layer(x, xd, t, k, f1, [sel1.index(i) for i in t_contract], f2, kw)
+        aval = eqn.outvars[0].aval
+        if out.shape == aval.shape and out.dtype == aval.dtype:
+            return [out]
+    base = bind(eqn, [t.w if i == side else v for i, v in enumerate(invals)])[0]
+    x = xd
+    if matrix:
         x_contract = lc if side == 1 else rc
         low = _matrix_branch(x, x_contract, f1, [sel1.index(i) for i in t_contract], f2, side == 0, t.leaf.scale, kw)
     else:
