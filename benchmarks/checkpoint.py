@@ -181,15 +181,8 @@ def main(argv=None) -> int:
     p = common.parser(__doc__)
     p.add_argument("--no-minilm", action="store_true", help="skip MiniLM (needs the asset)")
     args = p.parse_args(argv)
-    config = common.choose(args, Config(), QUICK)
-    if args.no_minilm:
-        config = dataclasses.replace(config, minilm=False)
-    result = measure(config)
-    report = table(config, result)
-    print()
-    print(report)
-    common.write_results(config, result, report)
-    return 0
+    config = common.switched_off(common.choose(args, Config(), QUICK), args, {"no_minilm": "minilm"})
+    return common.run(config, measure, lambda result: table(config, result))
 
 
 if __name__ == "__main__":

@@ -174,6 +174,23 @@ def config_from_json(cls, text: str):
                   for k, v in values.items()})
 
 
+def run(config, measure: Callable[[Any], dict[str, Any]], table: Callable[[dict[str, Any]], str]) -> int:
+    """Every benchmark's `main` ends here: `measure(config)` -> result, `table(result)` -> Markdown, printed and
+    written with `write_results`. Returns the exit status, 0."""
+    result = measure(config)
+    report = table(result)
+    print()
+    print(report)
+    write_results(config, result, report)
+    return 0
+
+
+def switched_off(config, args: argparse.Namespace, flags: dict[str, str]):
+    """`config` with the boolean field `flags[name]` set False for each `--name` flag given in `args`."""
+    off = {field: False for flag, field in flags.items() if getattr(args, flag)}
+    return dataclasses.replace(config, **off) if off else config
+
+
 def write_results(config, result: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     """Writes `<out_dir>/<stem>.json` ({"benchmark", "created_utc", "machine", "versions", "config", **result}) and
     `<out_dir>/<stem>.md` (`markdown` followed by a machine/versions footer). Returns both paths."""

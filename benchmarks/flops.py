@@ -179,12 +179,7 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> int:
     config = common.choose(common.parser(__doc__).parse_args(argv), Config(), QUICK)
-    result = measure(config)
-    report = table(result)
-    print()
-    print(report)
-    common.write_results(config, result, report)
-    return 0
+    return common.run(config, measure, table)
 
 
 if __name__ == "__main__":

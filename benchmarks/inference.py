@@ -270,15 +270,8 @@ def main(argv=None) -> int:
     p = common.parser(__doc__)
     p.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 generation (needs the asset)")
     args: argparse.Namespace = p.parse_args(argv)
-    config = common.choose(args, Config(), QUICK)
-    if args.no_smollm2:
-        config = dataclasses.replace(config, smollm2=False)
-    result = measure(config)
-    report = table(config, result)
-    print()
-    print(report)
-    common.write_results(config, result, report)
-    return 0
+    config = common.switched_off(common.choose(args, Config(), QUICK), args, {"no_smollm2": "smollm2"})
+    return common.run(config, measure, lambda result: table(config, result))
 
 
 if __name__ == "__main__":

@@ -199,12 +199,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv=None) -> int:
     args = common.parser(__doc__).parse_args(argv)
-    config = common.choose(args, Config(), QUICK)
-    result = measure(config)
-    report = table(result)
-    print(report)
-    common.write_results(config, result, report)
-    return 0
+    return common.run(common.choose(args, Config(), QUICK), measure, table)
 
 
 if __name__ == "__main__":

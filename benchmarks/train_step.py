@@ -449,15 +449,8 @@ def main(argv=None) -> int:
     if args.child:
         child_main(common.config_from_json(Config, args.child_config), args.child, args.batch, args.dtype)
         return 0
-    config = common.choose(args, Config(), QUICK)
-    if args.no_peft:
-        config = dataclasses.replace(config, peft=False)
-    result = measure(config)
-    report = table(config, result)
-    print()
-    print(report)
-    common.write_results(config, result, report)
-    return 0
+    config = common.switched_off(common.choose(args, Config(), QUICK), args, {"no_peft": "peft"})
+    return common.run(config, measure, lambda result: table(config, result))
 
 
 if __name__ == "__main__":
