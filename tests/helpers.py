@@ -1,10 +1,15 @@
-"""Shared test helpers: non-zero adapters, the factored-vs-merged oracle."""
+"""Shared test helpers: non-zero adapters, the factored-vs-merged oracle, writing variables as an HF directory."""
+
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
 import jlora
+from jlora.models import hf
+from jlora.paths import named_leaves
 
 
 def perturb(adapters, seed=3, scale=0.3):
@@ -31,3 +36,13 @@ def assert_factored_equals_merged(fn, variables, args, config, *, atol=1e-5, str
     base = fn(variables, *args, **kwargs)
     assert float(jnp.max(jnp.abs(base - want))) > 10 * atol, "the adapters changed nothing: the check is vacuous"
     return lora, frozen, adapters
+
+
+def save_checkpoint(directory, hf_config, variables):
+    """Writes jlora variables as a Hugging Face directory (the inverse of from_pretrained), without torch."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {hf.default_key(p): np.ascontiguousarray(np.asarray(x).T if p.endswith("/kernel") else np.asarray(x))
+               for p, x in named_leaves(variables)}
+    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(hf_config))
+    return directory

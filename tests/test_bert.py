@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_factored_equals_merged
-from safetensors.numpy import save_file
+from helpers import assert_factored_equals_merged, save_checkpoint
 
 import jlora
-from jlora.models import bert, hf
+from jlora.models import bert
 from jlora.paths import named_leaves
 
 # distinct dims: batch 3, seq 9, hidden 48, heads 4 (head_dim 12), intermediate 80, vocab 101, labels 3
@@ -37,15 +36,6 @@ def inputs(kind):
     types = np.zeros_like(ids) if kind == "roberta" else np.broadcast_to(np.arange(9) >= 4, ids.shape).astype(np.int64)
     return ids, mask, types
 
-
-def save_checkpoint(directory, hf_config, variables):
-    """Writes `variables` as a Hugging Face directory (the inverse of from_pretrained), without torch."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {hf.default_key(p): np.ascontiguousarray(np.asarray(x).T if p.endswith("/kernel") else np.asarray(x))
-               for p, x in named_leaves(variables)}
-    save_file(tensors, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps(hf_config))
-    return directory
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import perturb
-from test_gpt2 import BATCH, VOCAB, save_tiny
+from torch_oracles import TINY_GPT2, save_tiny_gpt2
 
 import jlora
 from jlora.models import gpt2
@@ -22,14 +22,15 @@ from jlora.models.generation import ban_ngrams, cached_step, generate, warp_logi
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-PROMPT, PAD = 7, 1
+PROMPT, PAD, BATCH = 7, 1, 3
+VOCAB = TINY_GPT2["vocab_size"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(hf_model, model, variables, step, prompt (batch, 7))"""
     directory = tmp_path_factory.mktemp("gpt2")
-    hf_model = save_tiny(directory)
+    hf_model = save_tiny_gpt2(directory)
     model, variables = gpt2.from_pretrained(directory)
     prompt = np.random.default_rng(0).integers(1, VOCAB, (BATCH, PROMPT)).astype(np.int32)
     return hf_model, model, variables, cached_step(model.apply, variables), prompt

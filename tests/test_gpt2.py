@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import perturb
+from torch_oracles import TINY_GPT2, save_tiny_gpt2
 
 import jlora
 from jlora.models import gpt2
@@ -23,16 +24,10 @@ from jlora.models import gpt2
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-BATCH, SEQ, VOCAB, D, HEADS, LAYERS, POSITIONS = 3, 17, 113, 48, 4, 2, 64
-TINY = dict(n_layer=LAYERS, n_embd=D, n_head=HEADS, vocab_size=VOCAB, n_positions=POSITIONS, initializer_range=0.2,
-            bos_token_id=None, eos_token_id=None)
-
-
-def save_tiny(directory, seed=0, **overrides):
-    torch.manual_seed(seed)
-    hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**TINY, **overrides})).eval()
-    hf_model.save_pretrained(directory, safe_serialization=True)
-    return hf_model
+BATCH, SEQ = 3, 17
+TINY = TINY_GPT2
+VOCAB, D, HEADS, LAYERS, POSITIONS = (TINY[k] for k in ("vocab_size", "n_embd", "n_head", "n_layer", "n_positions"))
+save_tiny = save_tiny_gpt2
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from torch_oracles import to_np, to_torch
+from torch_oracles import container, to_np, to_torch
 
 import jlora
 from jlora.interop import load_loralib, save_loralib, to_loralib
@@ -31,21 +31,15 @@ ENABLE = (True, False, True)
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _container(**children):
-    module = torch.nn.Module()
-    for name, child in children.items():
-        module.add_module(name, child)
-    return module
-
 
 class TorchBlock(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        attn = _container(c_attn=loralib.MergedLinear(D, 3 * D, r=R, lora_alpha=ALPHA, enable_lora=list(ENABLE),
+        attn = container(c_attn=loralib.MergedLinear(D, 3 * D, r=R, lora_alpha=ALPHA, enable_lora=list(ENABLE),
                                                       fan_in_fan_out=True))
-        mlp = _container(c_fc=loralib.Linear(D, FC, r=R, lora_alpha=ALPHA, fan_in_fan_out=True))
-        self.transformer = _container(wte=loralib.Embedding(VOCAB, D, r=R, lora_alpha=ALPHA),
-                                      h=torch.nn.ModuleList([_container(attn=attn, mlp=mlp)]))
+        mlp = container(c_fc=loralib.Linear(D, FC, r=R, lora_alpha=ALPHA, fan_in_fan_out=True))
+        self.transformer = container(wte=loralib.Embedding(VOCAB, D, r=R, lora_alpha=ALPHA),
+                                      h=torch.nn.ModuleList([container(attn=attn, mlp=mlp)]))
 
     def forward(self, ids):  # ids (batch, seq) -> (batch, seq, FC)
         block = self.transformer.h[0]

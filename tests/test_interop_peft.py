@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from helpers import perturb
 from jax import lax
-from torch_oracles import to_np, to_torch
+from torch_oracles import container, to_np, to_torch
 
 import jlora
 from jlora.interop import load_peft, save_peft
@@ -45,24 +45,18 @@ PATTERNS = dict(rank_pattern={"value": 6, "word_embeddings": 2}, alpha_pattern={
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _container(**children):
-    module = torch.nn.Module()
-    for name, child in children.items():
-        module.add_module(name, child)
-    return module
-
 
 class TorchTiny(torch.nn.Module):
     """Module names as a Hugging Face model's: `encoder.layer.0.attention.self.query` etc."""
 
     def __init__(self):
         super().__init__()
-        self.embeddings = _container(word_embeddings=torch.nn.Embedding(VOCAB, DIM))
-        attention = _container(self=_container(query=torch.nn.Linear(DIM, Q), value=torch.nn.Linear(DIM, Q)))
-        layer = _container(attention=attention, LayerNorm=torch.nn.LayerNorm(Q, eps=1e-5),
-                           output=_container(dense=torch.nn.Linear(Q, Q)))
-        self.encoder = _container(layer=torch.nn.ModuleList([layer]))
-        self.vision = _container(conv=torch.nn.Conv2d(C_IN, C_OUT, (KH, KW)))
+        self.embeddings = container(word_embeddings=torch.nn.Embedding(VOCAB, DIM))
+        attention = container(self=container(query=torch.nn.Linear(DIM, Q), value=torch.nn.Linear(DIM, Q)))
+        layer = container(attention=attention, LayerNorm=torch.nn.LayerNorm(Q, eps=1e-5),
+                           output=container(dense=torch.nn.Linear(Q, Q)))
+        self.encoder = container(layer=torch.nn.ModuleList([layer]))
+        self.vision = container(conv=torch.nn.Conv2d(C_IN, C_OUT, (KH, KW)))
         self.classifier = torch.nn.Linear(Q + C_OUT, N_LABELS)
 
     def forward(self, ids, img):  # ids (batch, seq) int; img (batch, C_IN, H, W) -> logits (batch, N_LABELS)

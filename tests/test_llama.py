@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_factored_equals_merged, perturb
+from helpers import assert_factored_equals_merged, perturb, save_checkpoint
 from safetensors.numpy import save_file
 
 import jlora
-from jlora.models import hf, llama
+from jlora.models import llama
 from jlora.models.generation import cached_step, generate
 from jlora.models.gguf import hf_name, read_gguf, unpermute
 from jlora.paths import named_leaves
@@ -35,15 +35,6 @@ def llama_cpp_permute(w, n_head):
     """llama.cpp convert_hf_to_gguf.py's `permute`, the oracle `unpermute` must invert."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-
-def save_checkpoint(directory, hf_config, variables):
-    """Writes jlora variables as a Hugging Face directory (the inverse of from_pretrained), without torch."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {hf.default_key(p): np.ascontiguousarray(np.asarray(x).T if p.endswith("/kernel") else np.asarray(x))
-               for p, x in named_leaves(variables)}
-    save_file(tensors, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps(hf_config))
-    return directory
 
 
 def write_gguf(path, arch="llama", tensors=None, hf_config=None):

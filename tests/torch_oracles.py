@@ -72,3 +72,28 @@ def leaf_paths(tree) -> set[str]:
 def flat(tree) -> dict[str, object]:
     """`{path: leaf}` for the (non-None) leaves of `tree`."""
     return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def container(**children):
+    """A bare torch.nn.Module holding `children` under their names (to mirror a Hugging Face module tree)."""
+    import torch
+
+    module = torch.nn.Module()
+    for name, child in children.items():
+        module.add_module(name, child)
+    return module
+
+
+TINY_GPT2 = dict(n_layer=2, n_embd=48, n_head=4, vocab_size=113, n_positions=64, initializer_range=0.2,
+                 bos_token_id=None, eos_token_id=None)
+
+
+def save_tiny_gpt2(directory, seed=0, **overrides):
+    """A random transformers GPT2LMHeadModel (TINY_GPT2 with `overrides`) saved to `directory`; returns it."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**TINY_GPT2, **overrides})).eval()
+    hf_model.save_pretrained(directory, safe_serialization=True)
+    return hf_model
