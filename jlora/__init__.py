@@ -9,7 +9,7 @@ from jlora.checkpoint import AdapterCheckpointManager, fingerprint, load_adapter
 from jlora.config import LoraConfig
 from jlora.interpreter import FactoredFallbackWarning
 from jlora.merge import merge, unmerge
-from jlora.optim import masked_optimizer
+from jlora.optim import loralib_adamw, masked_optimizer
 from jlora.partition import combine, split, trainable_mask
 from jlora.transform import LoraTransform, lora_transform
 
@@ -24,6 +24,7 @@ __all__ = [
     "fingerprint",
     "load_adapters",
     "lora_transform",
+    "loralib_adamw",
     "masked_optimizer",
     "merge",
     "save_adapters",

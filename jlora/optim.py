@@ -1,10 +1,13 @@
-"""`masked_optimizer`: an optax transform that updates only trainable leaves."""
+"""Optimizers for LoRA: `masked_optimizer` updates only trainable leaves; `loralib_adamw` is the paper's AdamW."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jlora.config import LoraConfig
@@ -41,3 +44,81 @@ def masked_optimizer(inner: optax.GradientTransformation, trainable=None) -> opt
 
 def _labels(mask):
     return jax.tree_util.tree_map(lambda m: "trainable" if m else "frozen", mask)
+
+
+class LoralibAdamState(NamedTuple):
+    """The moments of `scale_by_loralib_adam`."""
+
+    count: jax.Array  # shape=(), dtype=int32; steps taken
+    mu: optax.Updates  # like params: the EMA of gradients, m
+    nu: optax.Updates  # like params: the EMA of squared gradients, v (never bias-corrected)
+
+
+def scale_by_loralib_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
+    """Adam's direction as loralib's AdamW (the old transformers one) computes it, before the learning rate:
+    `sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`, t = 1, 2, ... The bias correction is folded into the step
+    size, so eps adds to the UNcorrected sqrt(v), unlike `optax.scale_by_adam` (m_hat / (sqrt(v_hat) + eps))."""
+
+    def init(params):
+        zeros = optax.tree.zeros_like(params)
+        return LoralibAdamState(jnp.zeros((), jnp.int32), zeros, zeros)
+
+    def update(grads, state, params=None):
+        del params
+        mu = optax.tree.update_moment(grads, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(grads, state.nu, b2, 2)
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        size = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        updates = jax.tree.map(lambda m, v: (size * m / (jnp.sqrt(v) + eps)).astype(m.dtype), mu, nu)
+        return updates, LoralibAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def decay_after_step(learning_rate, weight_decay: float) -> optax.GradientTransformation:
+    """loralib's decoupled weight decay, applied to the parameters AFTER the step `u` already in the updates:
+    `p <- p' - lr * wd * p'` with `p' = p + u`, i.e. `u <- u - lr * wd * (p + u)`. Needs `params`."""
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("decay_after_step needs params: call tx.update(grads, state, params)")
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        updates = jax.tree.map(lambda u, p: (u - lr * weight_decay * (p + u)).astype(u.dtype), updates, params)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+def loralib_adamw(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+                  weight_decay: float = 0.01, mask=None) -> optax.GradientTransformation:
+    """loralib's AdamW (examples/NLG, `--correct_bias`), the paper's E2E optimizer. Per leaf, at step t = 1, 2, ...:
+
+        m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+        p' = p - lr_t * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+        p  = p' - lr_t * wd * p'                           # decay after the Adam step, on the updated p
+
+    Args:
+      learning_rate: a float, or an optax schedule `step (int32 ()) -> lr` read at steps 0, 1, ...
+      b1, b2: the moments' decay rates, in [0, 1). eps: > 0, added to sqrt(v). weight_decay: >= 0.
+      mask: which leaves decay (optax's convention: a bool pytree or `params -> bool pytree`); None: all.
+
+    Returns an `optax.GradientTransformation`; its updates keep each leaf's shape and dtype. `update` needs the
+    params. For LoRA, wrap it in `jlora.masked_optimizer` or give it the adapters alone.
+    """
+    if not (callable(learning_rate) or (isinstance(learning_rate, numbers.Real) and learning_rate >= 0)):
+        raise ValueError(f"learning_rate must be a number >= 0 or an optax schedule, got {learning_rate!r}")
+    for name, beta in (("b1", b1), ("b2", b2)):
+        if not 0 <= beta < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (it keeps m / (sqrt(v) + eps) finite), got {eps!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    decay = decay_after_step(learning_rate, weight_decay)
+    return optax.chain(scale_by_loralib_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate),
+                       decay if mask is None else optax.masked(decay, mask))
