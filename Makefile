@@ -32,7 +32,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check jlora tests benchmarks experiments
 
 # benchmarks (benchmarks/*.py): each writes results/NAME.json and results/NAME.md, then report.py writes
-# results/targets.md. `bench` is the full size (15-20 min on the shared 2-core CPU); `bench-quick` tiny shapes (~2 min)
+# results/targets.md. `bench` is the full size (10 min on a quiet 2-core CPU); `bench-quick` tiny shapes (~2 min)
 BENCHMARKS := flops train_step inference checkpoint
 
 bench: $(VENV)/.reference

@@ -2,6 +2,8 @@
 
     python -m experiments.demo    # what `make demo` runs: LoRA on MiniLM for tweet sentiment, checkpoint, merge
     python -m experiments.nlu     # the paper's GLUE recipe on the tweets: LoRA vs full vs head vs PEFT, 3 seeds
+    python -m experiments.alpha_over_r  # does alpha/r keep the best LR put across ranks? MiniLM + SmolLM2
+    python -m experiments.nlg --task shakespeare  # the paper's NLG recipe (E2E with --task e2e), SmolLM2 run
 
 Each module has a frozen `Config` dataclass (defaults commented with their arithmetic), the exact command in its
 docstring, and command-line flags generated from the Config's fields by `parse_config`; nothing runs at import.
