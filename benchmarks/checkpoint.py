@@ -37,14 +37,9 @@ MINILM_TARGETS = {"qv": ("query", "value"), "all": ("query", "key", "value", "de
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(common.GPT2Shape):
     """GPT-2 small, the adapters, MiniLM, and how long to measure."""
 
-    n_layer: int = 12  # GPT-2 small
-    n_embd: int = 768
-    n_head: int = 12
-    vocab_size: int = 50257
-    n_positions: int = 1024
     rank: int = 8
     alpha: float = 16.0
     adapter_std: float = 0.01  # lora_b ~ N(0, std^2): real-looking, incompressible values
@@ -58,7 +53,7 @@ class Config:
         return self  # checkpoints go through host memory; nothing to change
 
 
-QUICK = Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=16, repeats=5, minilm=False,
+QUICK = Config(**common.TINY_SHAPE, n_positions=16, repeats=5, minilm=False,
                name="checkpoint_quick")
 
 

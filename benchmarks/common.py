@@ -73,9 +73,10 @@ def cpu_flags() -> dict[str, bool]:
     return {f: f in flags for f in CPU_FLAGS}
 
 
-def _meminfo_bytes(key: str) -> int | None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A `key:  N kB` line of a /proc file (meminfo, self/status) in bytes; None where it cannot be read."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
@@ -99,7 +100,7 @@ def machine() -> dict[str, Any]:
         "cpu_model": cpu.get("model name", platform.processor() or "unknown"),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "ram_bytes": _meminfo_bytes("MemTotal"),
+        "ram_bytes": _proc_bytes("/proc/meminfo", "MemTotal"),
         "cpu_flags": cpu_flags(),
         "platform": platform.platform(),
         "backend": jax.default_backend(),
@@ -337,24 +338,14 @@ def bf16_check(*, m: int = 1024, k: int = 768, n: int = 3072, repeats: int = 7) 
 
 # --- memory ---------------------------------------------------------------------------------------------------------
 
-def _status_bytes(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def rss_bytes() -> int | None:
     """This process's resident set size now (VmRSS)."""
-    return _status_bytes("VmRSS")
+    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 def peak_rss_bytes() -> int | None:
     """This process's peak resident set size so far (VmHWM)."""
-    return _status_bytes("VmHWM")
+    return _proc_bytes("/proc/self/status", "VmHWM")
 
 
 def child_result(result: dict[str, Any]) -> None:
@@ -410,9 +401,24 @@ def xla_cost(compiled) -> dict[str, Any]:
 
 # --- the model, LoRA configs, loss, train steps ---------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPT2Shape:
+    """The model fields every benchmark Config shares (each Config subclasses this); the defaults are GPT-2 small:
+    124,439,808 parameters."""
+
+    n_layer: int = 12  # GPT-2 small: 12 blocks
+    n_embd: int = 768  # 12 heads * 64
+    n_head: int = 12
+    vocab_size: int = 50257  # GPT-2's BPE; the tied lm head is about a third of the forward FLOPs at seq 128
+    n_positions: int = 1024  # GPT-2 small's position table; only its (full fine-tuning) adamw update grows with it
+
+
+TINY_SHAPE = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=97)  # the quick modes' model (n_positions their own)
+
+
 def gpt2(config, *, dtype=jnp.float32) -> GPT2LMHeadModel:
-    """`jlora.models.gpt2.GPT2LMHeadModel` of the shape in `config` (any object with n_layer, n_embd, n_head,
-    vocab_size, n_positions), dropout off, computing in `dtype`."""
+    """`jlora.models.gpt2.GPT2LMHeadModel` of the shape in `config` (a `GPT2Shape`, or any object with its fields),
+    dropout off, computing in `dtype`."""
     shape = GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
                        n_layer=config.n_layer, n_head=config.n_head)
     return GPT2LMHeadModel(shape, dtype=jnp.dtype(dtype))

@@ -36,16 +36,11 @@ from benchmarks import common
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(common.GPT2Shape):
     """The benchmark's shape and LoRA settings; the defaults are GPT-2 small."""
 
-    n_layer: int = 12  # GPT-2 small: 12 blocks
-    n_embd: int = 768  # GPT-2 small
-    n_head: int = 12  # 64 dims per head
-    n_positions: int = 1024  # GPT-2 small's position table; only its (full fine-tuning) adamw update grows with it
     seq: int = 128  # a short context keeps the compile quick; attention is a small share at 128
     batch: int = 8  # 8 batch * 128 seq = 1,024 tokens/step
-    vocab_size: int = 50257  # GPT-2's vocabulary; the tied lm head is about a third of the forward FLOPs here
     rank: int = 8  # the LoRA paper's usual r
     alpha: float = 16.0  # scale alpha / r = 2; FLOPs do not depend on it
     targets: tuple[str, ...] = common.DENSE_TARGETS  # every dense kernel: attn c_attn, c_proj; mlp c_fc, c_proj
@@ -61,7 +56,7 @@ class Config:
         return self  # FLOP counts are of the same float32 program; only the backend's compiler differs
 
 
-QUICK = Config(n_layer=2, n_embd=64, n_head=4, n_positions=16, seq=16, batch=4, vocab_size=97, rank=4,
+QUICK = Config(**common.TINY_SHAPE, n_positions=16, seq=16, batch=4, rank=4,
                name="flops_quick")
 
 STEPS = common.STEPS

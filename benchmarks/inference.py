@@ -41,14 +41,9 @@ LLAMA_TARGETS = {"qv": ("q_proj", "v_proj"),
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(common.GPT2Shape):
     """GPT-2 small, the adapters, the generation settings, and how long to measure."""
 
-    n_layer: int = 12  # GPT-2 small
-    n_embd: int = 768
-    n_head: int = 12
-    vocab_size: int = 50257
-    n_positions: int = 1024
     seq: int = 128  # forward: 8 batch * 128 seq = 1,024 tokens
     forward_batches: tuple[int, ...] = (8, 1)  # the targets are read at the first (8)
     forward_repeats: tuple[int, ...] = (7, 15)  # timed rounds per batch: a batch-8 forward takes ~0.5-1.5 s here
@@ -82,7 +77,7 @@ class Config:
                                    forward_repeats=repeats, gen_batch=self.gpu_gen_batch)
 
 
-QUICK = Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=32, seq=16, forward_batches=(4, 1),
+QUICK = Config(**common.TINY_SHAPE, n_positions=32, seq=16, forward_batches=(4, 1),
                forward_repeats=(5, 5), gen_prompt=4, gen_new_tokens=4, smollm2_kinds=("all",), smollm2_layers=2,
                gpu_forward_batches=(4,), gpu_gen_batch=2, name="inference_quick")
 

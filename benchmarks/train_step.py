@@ -47,14 +47,9 @@ from benchmarks import common
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(common.GPT2Shape):
     """GPT-2 small, the two LoRA settings, and how long to measure."""
 
-    n_layer: int = 12  # GPT-2 small
-    n_embd: int = 768  # 12 heads * 64
-    n_head: int = 12
-    vocab_size: int = 50257  # GPT-2's BPE; the tied lm head is about a third of the forward FLOPs at seq 128
-    n_positions: int = 1024  # GPT-2 small's position table: 124,439,808 parameters in all
     seq: int = 128  # 8 batch * 128 seq = 1,024 tokens/step
     batches: tuple[int, ...] = (8, 1)  # the targets are read at the first (8)
     rank: int = 8  # the LoRA paper's r
@@ -87,7 +82,7 @@ class Config:
                                    memory_batches=self.gpu_batches[:1], bf16_check=False)
 
 
-QUICK = Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=16, seq=16, batches=(4,), repeats=(5,),
+QUICK = Config(**common.TINY_SHAPE, n_positions=16, seq=16, batches=(4,), repeats=(5,),
                compile_repeats=1, memory_batches=(4,), memory_names=("full", "jlora[all]", "peft[all]"),
                memory_steps=2, gpu_batches=(4,), name="train_step_quick")
 
