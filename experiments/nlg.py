@@ -84,10 +84,15 @@ QUICK = dict(smoke=True, epochs=2, batch=4, seq_len=96, beam=3, max_new_tokens=1
              lm_batch=2, lm_seq=24, lm_eval_windows=2, lm_new_tokens=6)
 
 
+def clipped_warmup(warmup: int, total: int) -> int:
+    """The warm-up steps a run of `total` steps gets: `warmup`, at most a tenth of the run."""
+    return min(warmup, total // 10)
+
+
 def schedule(lr: float, *, warmup: int, total: int) -> optax.Schedule:
-    """Linear 0 -> lr over min(warmup, total // 10) steps, then lr -> 0 at `total` (transformers'
+    """Linear 0 -> lr over clipped_warmup(warmup, total) steps, then lr -> 0 at `total` (transformers'
     get_linear_schedule_with_warmup, which loralib uses; the rate of step 0 is 0 unless the warm-up is clipped to 0)."""
-    warmup = min(warmup, total // 10)
+    warmup = clipped_warmup(warmup, total)
     decay = optax.linear_schedule(lr, 0.0, max(total - warmup, 1))
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup]) if warmup else decay
 
@@ -169,7 +174,7 @@ def run_e2e(config: Config, *, model, variables, tokenizer, train_pairs, test_pa
                                       [mr for mr, _ in groups], batch=config.eval_batch, **generation(config))
     refs = [r for _, r in groups]
     return dict(config=dataclasses.asdict(config), task="e2e", n_train=len(arrays), n_test_mrs=len(groups),
-                n_test_refs=sum(map(len, refs)), steps=steps, warmup=min(config.warmup_steps, steps // 10),
+                n_test_refs=sum(map(len, refs)), steps=steps, warmup=clipped_warmup(config.warmup_steps, steps),
                 trainable=count_params(adapters), total=count_params(frozen) + count_params(adapters),
                 losses=losses.round(5).tolist(), train_s=train_s, decode_s=decoding()[0], prompt_buckets=n_buckets,
                 metrics=e2e.metrics(hyps, refs), paper=e2e.PAPER, backend=jax.default_backend(), cpus=os.cpu_count(),
@@ -232,7 +237,7 @@ def run_shakespeare(config: Config) -> dict:
                              batch=config.lm_batch, steps=steps, key=keys["train"], desc="shakespeare train")
     (train_s, cpu_s), after = elapsed(), dict(perplexity=perplexity(adapters), samples=samples(adapters))
     return dict(config=dataclasses.asdict(config), task="shakespeare", steps=steps,
-                warmup=min(config.warmup_steps, steps // 10),
+                warmup=clipped_warmup(config.warmup_steps, steps),
                 train_windows=len(train_w), held_out_predictions=int(held.mask.sum()),
                 prompts=[tokenizer.decode(p.tolist()) for p in cut], before=before, after=after,
                 trainable=count_params(adapters), total=count_params(frozen) + count_params(adapters),
