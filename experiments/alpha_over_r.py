@@ -1,7 +1,8 @@
 """Does alpha/r keep the best learning rate put when the LoRA rank changes (LoRA paper 4.1), or alpha/sqrt(r) (rsLoRA)?
 
-    python -m experiments.alpha_over_r                # the study on 2 CPU cores, about 2 h (arithmetic in Config)
+    python -m experiments.alpha_over_r                # the study on 2 CPU cores, about 2 h 10 min (see Config)
     python -m experiments.alpha_over_r --resume       # continue an interrupted study from results/alpha_over_r.jsonl
+    python -m experiments.alpha_over_r --resume --seeds 0 1 2   # a finished study takes another seed (or --lm_seeds)
     python -m experiments.alpha_over_r --quick        # CI smoke test, < 1 min: results/alpha_over_r_quick.*
     python -m experiments.alpha_over_r --grid full    # SmolLM2 on the full grid too (a GPU); --tasks smollm2 alone
 
@@ -72,12 +73,12 @@ class Config:
     n_train: int = 2000  # 1,000 per class
     n_test: int = 1000  # 500 per class; held-out loss and accuracy pick the best LR
     eval_batch: int = 100  # 10 forward passes
-    # SmolLM2 on Shakespeare, the CPU grid: 4 ranks x 3 scalings = 12 groups x 6 LRs x 1 seed = 72 runs (+ ~8 on
-    # edges) x 25 s (40 steps x 0.57 s + 2 s eval and merge) = 33 min, + 12 compiles x 12 s = 2.4 min.
-    # Total about 100 min measured unloaded; other jobs on the 2 cores made steps 1.5-2.9x slower (use --resume)
+    # SmolLM2 on Shakespeare, the CPU grid: 4 ranks x 3 scalings = 12 groups x 6 LRs x 2 seeds = 144 runs (+ ~10 on
+    # edges) x 25 s (40 steps x 0.57 s + 2 s eval and merge) = 64 min, + 12 compiles x 12 s = 2.4 min.
+    # Total about 2 h 10 min unloaded; other jobs on the 2 cores made steps 1.5-2.9x slower (use --resume)
     grid: str = "cpu"  # "cpu": the lm_* fields below; "full": FULL_LM replaces them (all 7 ranks, 2 seeds; a GPU)
     lm_ranks: tuple[int, ...] = (1, 4, 16, 64)
-    lm_seeds: tuple[int, ...] = (0,)  # one seed on CPU (the GPU grid has 2)
+    lm_seeds: tuple[int, ...] = (0, 1)
     lm_lr_min: float = 1e-3  # 1e-3 .. 4.6e-2; r = 8, scale 1: 4.02 held-out at 3.2e-3, 4.04 at 1e-2 (probe)
     lm_lr_per_decade: int = 3
     lm_n_lr: int = 6
@@ -273,7 +274,8 @@ def run_study(config: Config) -> dict:
     if set(config.tasks) - set(TASKS):
         raise ValueError(f"unknown tasks {sorted(set(config.tasks) - set(TASKS))}; expected some of {TASKS}")
     (out := Path(config.out_dir)).mkdir(parents=True, exist_ok=True)
-    log = study.Log(out / f"{config.name}.jsonl", dataclasses.asdict(config), resume=config.resume)
+    log = study.Log(out / f"{config.name}.jsonl", dataclasses.asdict(config), resume=config.resume,
+                    growable=("seeds", "lm_seeds"))
     builders, ran, tasks, Group.traces = {"minilm": minilm_task, "smollm2": smollm2_task}, 0, {}, 0
     for name in config.tasks:
         task = builders[name](config)

@@ -41,18 +41,20 @@ def num(x) -> float | None:
 class Log:
     """Finished runs, one JSON line each after a header holding the config (less out_dir and resume); `runs` maps
     (task, rank, scale, lr, seed) to the record. `resume=True` reads an existing log (the config must match, a
-    torn last line is dropped); otherwise the file is started afresh."""
+    torn last line is dropped; a field named in `growable`, a list such as the seeds, may have gained entries, so
+    a finished study takes another seed); otherwise the file is started afresh."""
 
-    def __init__(self, path: Path, config: dict, *, resume: bool):
+    def __init__(self, path: Path, config: dict, *, resume: bool, growable: Sequence[str] = ()):
         self.path, self.runs = Path(path), {}
         config = json.loads(json.dumps({k: v for k, v in config.items() if k not in ("resume", "out_dir")}))
         if resume and self.path.is_file():
             lines = self.path.read_text().splitlines()
             saved = json.loads(lines[0])["config"]
-            if saved != config:
-                diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+            diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k)
+                          and not (k in growable and set(saved.get(k) or ()) <= set(config.get(k) or ())))
+            if diff:
                 raise ValueError(f"{self.path} was written with another config (fields {diff} differ); rerun "
-                                 f"without --resume to start afresh, or with the same flags")
+                                 f"without --resume to start afresh, or with the same flags (seeds may be added)")
             for line in lines[1:]:
                 with contextlib.suppress(json.JSONDecodeError):  # a line torn by an interruption
                     self._add(json.loads(line))

@@ -124,3 +124,16 @@ def test_mean_loss_diverged_and_missing():
     assert study.mean_loss(runs, ("t", 1, 1.0, 0.1), (0,)) == 0.4
     assert study.mean_loss(runs, ("t", 1, 1.0, 0.1), (0, 1)) == np.inf  # a diverged seed
     assert np.isnan(study.mean_loss(runs, ("t", 1, 1.0, 0.1), (0, 2)))  # a missing seed
+
+
+def test_log_resume_takes_added_seeds_only(tmp_path):
+    path, config = tmp_path / "s.jsonl", {"seeds": [0], "steps": 5, "resume": True, "out_dir": "x"}
+    record = dict(task="t", rank=2, scale=1.0, lr=0.1, seed=0, eval_loss=0.5)
+    study.Log(path, config, resume=False).append(record)
+    grown = study.Log(path, {**config, "seeds": [0, 1]}, resume=True, growable=("seeds",))
+    assert list(grown.runs) == [("t", 2, 1.0, 0.1, 0)]  # the finished seed is kept, seed 1 is left to run
+    assert json.loads(path.read_text().splitlines()[0])["config"]["seeds"] == [0, 1]  # the header says so now
+    with pytest.raises(ValueError, match=r"\['seeds'\].*seeds may be added"):  # dropping one is another study
+        study.Log(path, {**config, "seeds": [1]}, resume=True, growable=("seeds",))
+    with pytest.raises(ValueError, match=r"\['seeds'\]"):  # and only fields named growable may grow
+        study.Log(path, {**config, "seeds": [0, 1, 2]}, resume=True)
