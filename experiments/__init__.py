@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 
 __all__ = ["count_params", "dir_bytes", "parse_config", "plot_curves", "stopwatch", "write_results"]
 
@@ -71,6 +72,13 @@ def stopwatch() -> Callable[[], tuple[float, float]]:
     On a shared machine the CPU seconds are the steadier measure of the work done."""
     wall, cpu = time.perf_counter(), time.process_time()
     return lambda: (time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def warmup_then_decay(lr: float, *, warmup: int, total: int) -> optax.Schedule:
+    """Linear 0 -> lr over `warmup` steps, then lr -> 0 at step `total` (transformers' get_linear_schedule_with_warmup,
+    which the paper's scripts use); step 0's rate is 0, or lr when warmup is 0."""
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                 optax.linear_schedule(lr, 0.0, max(total - warmup, 1))], [warmup])
 
 
 def dir_bytes(path) -> int:

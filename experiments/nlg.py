@@ -13,7 +13,7 @@ of a shorter run) then linear decay to 0; 5 epochs of batch 8, sequences padded 
 penalty 0.8, no_repeat_ngram_size 4, at most 64 new tokens, stopped at EOS. jlora's `generate` takes equal-length
 prompts, so the test MRs are bucketed by prompt length (experiments.e2e.buckets), one compile per length.
 Shakespeare: the same adapter and optimizer on SmolLM2's q_proj/v_proj, no label smoothing (the objective is
-perplexity), next-token loss on windows of the Gutenberg plays (experiments.alpha_over_r.shakespeare_windows) with
+perplexity), next-token loss on windows of the Gutenberg plays (experiments.data.shakespeare) with
 one play held out; held-out perplexity and 3 greedy samples (no_repeat_ngram_size 4) before and after training.
 Writes results/<name>.json (with the config) and .md.
 """
@@ -31,8 +31,7 @@ import optax
 from tqdm import tqdm
 
 import jlora
-from experiments import count_params, e2e, parse_config, stopwatch, write_results
-from experiments.alpha_over_r import shakespeare_windows, take
+from experiments import count_params, data, e2e, parse_config, stopwatch, warmup_then_decay, write_results
 from jlora import models
 from jlora.tokenizers import load_tokenizer
 
@@ -90,11 +89,8 @@ def clipped_warmup(warmup: int, total: int) -> int:
 
 
 def schedule(lr: float, *, warmup: int, total: int) -> optax.Schedule:
-    """Linear 0 -> lr over clipped_warmup(warmup, total) steps, then lr -> 0 at `total` (transformers'
-    get_linear_schedule_with_warmup, which loralib uses; the rate of step 0 is 0 unless the warm-up is clipped to 0)."""
-    warmup = clipped_warmup(warmup, total)
-    decay = optax.linear_schedule(lr, 0.0, max(total - warmup, 1))
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup]) if warmup else decay
+    """experiments.warmup_then_decay over clipped_warmup(warmup, total) warm-up steps (loralib's schedule)."""
+    return warmup_then_decay(lr, warmup=clipped_warmup(warmup, total), total=total)
 
 
 def token_losses(logits, targets, smoothing: float):
@@ -131,7 +127,7 @@ def train(lora, frozen, adapters, arrays: e2e.Arrays, config: Config, *, lr: flo
     k_order, k_drop = jax.random.split(key)
     tx = jlora.loralib_adamw(schedule(lr, warmup=config.warmup_steps, total=steps), weight_decay=config.weight_decay)
     step, opt_state, losses = jax.jit(step_fn(lora, tx, smoothing=smoothing)), tx.init(adapters), []
-    bar = tqdm(take(len(arrays), batch, steps, k_order), total=steps, desc=desc)
+    bar = tqdm(data.take(len(arrays), batch, steps, k_order), total=steps, desc=desc)
     for i, idx in enumerate(bar):
         adapters, opt_state, loss = step(frozen, adapters, opt_state, arrays[idx], jax.random.fold_in(k_drop, i))
         losses.append(loss)
@@ -203,13 +199,14 @@ def run_shakespeare(config: Config) -> dict:
         tokenizer = e2e.train_tokenizer([t for p in train_pairs for t in p], vocab_size=300)
         model, variables = tiny_model(tokenizer, "llama", key=keys["model"])
         ids = [np.array(tokenizer.encode(" ".join(r for _, r in pairs)).ids) for pairs in (train_pairs, test_pairs)]
-        train_w, held = (x[: len(x) // config.lm_seq * config.lm_seq].reshape(-1, config.lm_seq) for x in ids)
-        train_w, held = train_w.astype(np.int32), held[: config.lm_eval_windows].astype(np.int32)
+        train_w, held = (data.windows(x, config.lm_seq) for x in ids)
+        held = held[: config.lm_eval_windows]
     else:
         path = models.hf.resolve(config.lm_model)
         model, variables = models.from_pretrained(path)
         tokenizer = load_tokenizer(path)
-        train_w, held = shakespeare_windows(tokenizer, config)
+        train_w, held = data.shakespeare(tokenizer, seq=config.lm_seq, held_out=config.lm_eval_play,
+                                         n_held=config.lm_eval_windows)
     lcfg = jlora.LoraConfig(rank=config.rank, alpha=config.alpha, targets=("q_proj", "v_proj"),
                             dropout=config.lora_dropout)
     lora = jlora.lora_transform(model.apply, lcfg, strict=True)

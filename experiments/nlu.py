@@ -33,7 +33,7 @@ import optax
 from tqdm import tqdm
 
 import jlora
-from experiments import count_params, data, parse_config, plot_curves, stopwatch, write_results
+from experiments import count_params, data, parse_config, plot_curves, stopwatch, warmup_then_decay, write_results
 from jlora import models
 from jlora.tokenizers import load_tokenizer
 
@@ -111,9 +111,7 @@ def setup(method: str, model, variables, config: Config, *, key: jax.Array, exam
 
 def schedule(config: Config, *, lr: float, total_steps: int) -> optax.Schedule:
     """Linear warm-up from 0 over ceil(warmup_ratio * total_steps) steps, then linear decay to 0 at total_steps."""
-    warmup = math.ceil(config.warmup_ratio * total_steps)
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
-                                 optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))], [warmup])
+    return warmup_then_decay(lr, warmup=math.ceil(config.warmup_ratio * total_steps), total=total_steps)
 
 
 def decays(name: str) -> bool:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments import alpha_over_r, parse_config, study
+from experiments import alpha_over_r, parse_config, study, study_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 QUICK_RUNS = (3 + 1) * 3  # r = 1 under 3 scalings, r = 8 once for all three (scale 1), x 3 LRs x 1 seed
@@ -38,7 +38,7 @@ def test_quick_writes_json_md_png(quick):
     assert set(s["scalings"]) == set(alpha_over_r.SCALINGS) and s["flattest"] in alpha_over_r.SCALINGS
     md = (quick / f"{STEM}.md").read_text()
     assert "| scaling | r | scale | best LR |" in md and "max/min" in md and "Flattest on minilm" in md
-    for plot in study.PLOTS:
+    for plot in study_report.PLOTS:
         assert (quick / f"{STEM}_minilm_{plot}.png").read_bytes().startswith(PNG)
     lines = (quick / f"{STEM}.jsonl").read_text().splitlines()
     assert len(lines) == 1 + QUICK_RUNS and "config" in json.loads(lines[0])

@@ -116,6 +116,20 @@ def test_batches_seeded_drop_last():
         next(data.batches(2, 3, epochs=1, key=jax.random.key(0)))
 
 
+def test_take_continues_into_further_passes_and_windows_drop_the_tail():
+    key = jax.random.key(3)
+    got = list(data.take(10, 3, 7, key))  # 3 batches a pass: 7 steps need 3 passes, the third cut short
+    assert len(got) == 7 and all((x == y).all() for x, y in zip(got, data.batches(10, 3, epochs=3, key=key)))
+    w = data.windows(np.arange(11, dtype=np.int64), 4)
+    assert w.dtype == np.int32 and w.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 8, 9, 10 left out
+
+
+@pytest.mark.assets
+def test_shakespeare_names_the_plays_for_an_unknown_one():
+    with pytest.raises(ValueError, match=r"no play 'hamlet_q2'.*'tempest'"):
+        data.shakespeare(None, seq=8, held_out="hamlet_q2", n_held=1)
+
+
 def test_parse_config_flags_and_quick():
     c = parse_config(nlu.Config, ["--seeds", "4", "5", "--no-train_pooler", "--lr_lora", "1e-3"], quick=nlu.QUICK)
     assert c.seeds == (4, 5) and c.train_pooler is False and c.lr_lora == 1e-3 and c.epochs == nlu.Config().epochs
