@@ -40,13 +40,15 @@ def writeup(task: str, s: dict) -> list[str]:
 
 
 def markdown(result: dict, stem: str) -> str:
-    c = result["config"]
+    c, runs = result["config"], [r for s in result["tasks"].values() for r in s["runs"]]
+    hours = sum(r["total_s"] for r in runs) / 3600
     out = [f"# Best learning rate vs LoRA rank under alpha/r, alpha/sqrt(r) and no scaling ({stem})", "",
            f"Scalings equal at r = {c['ref_rank']} (scale 1): alpha = {c['ref_rank']} for alpha/r, "
            f"sqrt({c['ref_rank']}) for alpha/sqrt(r), alpha = r for none. Adam, warm-up {c['warmup_ratio']:.0%} then "
            f"linear decay; the best LR minimises the held-out loss averaged over seeds; 'edge' flags a best LR at "
-           f"the end of the (extended) grid. {result['ran']} runs made in this invocation; "
-           f"{result['traces']} train-step compiles; {result['environment']['backend']}, "
+           f"the end of the (extended) grid. {len(runs)} runs in all, {hours:.2f} h of run time ({result['ran']} "
+           f"made in this invocation, the rest read back from the log; {result['traces']} train-step compiles); "
+           f"{result['environment']['backend']}, "
            f"{result['environment']['cpus']} CPUs, jax {result['environment']['jax']}.", ""]
     for task, s in result["tasks"].items():
         g = s["grid"]
