@@ -12,22 +12,31 @@ import optax
 
 from jlora.config import LoraConfig
 from jlora.partition import trainable_mask
+from jlora.paths import path_str
 
 
 def masked_optimizer(inner: optax.GradientTransformation, trainable=None) -> optax.GradientTransformation:
     """`inner` on the trainable leaves; `optax.set_to_zero()` on the rest, so frozen leaves get no optimizer
     state, no update and no weight decay.
 
+        tx = jlora.masked_optimizer(optax.adamw(2e-4), lora)  # lora pairs + what lora.config trains in full
+
     Args:
       inner: any optax transformation, e.g. `optax.adamw(2e-4, weight_decay=0.01)`.
-      trainable: which leaves train: a bool pytree, a callable `params -> bool pytree` (optax's mask
-        convention), or a `LoraConfig` (lora pairs plus the leaves it trains in full). None: lora pairs only.
+      trainable: which leaves train: a `LoraConfig` or a `LoraTransform` (its config): lora pairs plus the leaves
+        the config trains in full (biases per `bias`, `modules_to_save`); a bool pytree; or a callable
+        `params -> bool pytree` (optax's mask convention). None: the lora pairs only, and a tree that holds any
+        other array (a `modules_to_save` head, a bias) is a ValueError at `init`, since those arrays would
+        silently get no update; pass the config (or the transform) to train them.
     """
-    if trainable is None or isinstance(trainable, LoraConfig):
-        config = trainable
+    config = getattr(trainable, "config", trainable)  # a LoraTransform carries its config
+    if trainable is None or isinstance(config, LoraConfig):
 
         def labels_fn(params):
-            return _labels(trainable_mask(params, config))
+            mask = trainable_mask(params, config)
+            if config is None:
+                _check_only_pairs(params, mask)
+            return _labels(mask)
     elif callable(trainable):
         fn: Callable = trainable
 
@@ -40,6 +49,17 @@ def masked_optimizer(inner: optax.GradientTransformation, trainable=None) -> opt
             return _labels(mask)
 
     return optax.partition({"trainable": inner, "frozen": optax.set_to_zero()}, labels_fn)
+
+
+def _check_only_pairs(params, mask):
+    others = [path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0] if not m]
+    if others:
+        listed = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+        raise ValueError(
+            f"masked_optimizer(inner) without `trainable` trains only lora_a/lora_b, but the tree also holds {listed}, "
+            f"which would get no update; pass trainable=config (or the LoraTransform) to train what the config "
+            f"trains in full, or trainable=jlora.trainable_mask(tree) to keep them frozen on purpose"
+        )
 
 
 def _labels(mask):
