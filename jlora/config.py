@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -17,16 +18,50 @@ SCALINGS = ("alpha_over_r", "rslora")
 INITS = ("loralib", "gaussian")
 
 
-def _frozen_items(name: str, value: Any, kind: type) -> tuple[tuple[str, Any], ...]:
+def _frozen_items(name: str, value: Any, kind: str) -> tuple[tuple[str, Any], ...]:
     """Turns a mapping (or a tuple of pairs) into a sorted tuple of pairs, so the config stays hashable."""
     if value is None:
         return ()
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"LoraConfig.{name} must be a mapping of name -> {kind}, got the string {value!r}")
     items = value.items() if isinstance(value, Mapping) else value
     try:
-        pairs = tuple((str(k), v) for k, v in items)
+        pairs = tuple((k, v) for k, v in items)
     except (TypeError, ValueError):
-        raise TypeError(f"LoraConfig.{name} must be a mapping of name -> {kind.__name__}, got {value!r}") from None
+        raise TypeError(f"LoraConfig.{name} must be a mapping of name -> {kind}, got {value!r}") from None
+    bad = [k for k, _ in pairs if not isinstance(k, str) or not k]
+    if bad:
+        raise TypeError(f"LoraConfig.{name} keys must be non-empty module names or regexes (str), got {bad!r}")
     return tuple(sorted(pairs))
+
+
+def _real(name: str, value, *, integer: bool = False):
+    """`value` as a Python int / float (numpy scalars accepted); a TypeError naming the field for a non-number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        what = "an int" if integer else "a number"
+        hint = f" (write {name}={value.strip()}, a number, not a string)" if _numeric(value) else ""
+        raise TypeError(f"LoraConfig.{name} must be {what}, got {type(value).__name__} {value!r}{hint}")
+    if integer and isinstance(value, numbers.Integral):
+        return int(value)
+    return value.item() if hasattr(value, "item") else value
+
+
+def _numeric(value) -> bool:
+    try:
+        float(value) if isinstance(value, str) else None
+    except ValueError:
+        return False
+    return isinstance(value, str)
+
+
+def _fused_mask(key: str, value) -> tuple[bool, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"LoraConfig.fused[{key!r}] must be a tuple of bools, one per slice of the fused output "
+                        f"axis (e.g. (True, False, True) for q, v of q|k|v), got {value!r}")
+    mask = tuple(value)
+    if not all(isinstance(e, (bool, numbers.Integral)) and e in (0, 1) for e in mask):
+        raise TypeError(f"LoraConfig.fused[{key!r}] must hold bools (or 0/1), got {value!r}")
+    return tuple(bool(e) for e in mask)
 
 
 def _suffix_match(path: str, name: str) -> bool:
@@ -87,22 +122,39 @@ class LoraConfig:
         set_ = object.__setattr__
         if isinstance(self.targets, list):
             set_(self, "targets", tuple(self.targets))
-        if isinstance(self.modules_to_save, (list, str)):
-            mods = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else self.modules_to_save
-            set_(self, "modules_to_save", tuple(mods))
-        set_(self, "rank_pattern", _frozen_items("rank_pattern", self.rank_pattern, int))
-        set_(self, "alpha_pattern", _frozen_items("alpha_pattern", self.alpha_pattern, float))
-        fused = _frozen_items("fused", self.fused, tuple)
-        set_(self, "fused", tuple((k, tuple(bool(e) for e in v)) for k, v in fused))
+        mods = self.modules_to_save
+        if mods is None:  # PEFT's default
+            mods = ()
+        elif isinstance(mods, str):
+            mods = (mods,)
+        elif isinstance(mods, (list, tuple)):
+            mods = tuple(mods)
+        else:
+            raise TypeError(f"LoraConfig.modules_to_save must be a tuple of module names (or None), got "
+                            f"{type(mods).__name__} {mods!r}")
+        set_(self, "modules_to_save", mods)
+        set_(self, "rank", _real("rank", self.rank, integer=True))
+        set_(self, "alpha", _real("alpha", self.alpha))
+        set_(self, "dropout", _real("dropout", self.dropout))
+        ranks = _frozen_items("rank_pattern", self.rank_pattern, "int")
+        set_(self, "rank_pattern", tuple((k, _real(f"rank_pattern[{k!r}]", r, integer=True)) for k, r in ranks))
+        alphas = _frozen_items("alpha_pattern", self.alpha_pattern, "float")
+        set_(self, "alpha_pattern", tuple((k, _real(f"alpha_pattern[{k!r}]", a)) for k, a in alphas))
+        fused = _frozen_items("fused", self.fused, "tuple of bools")
+        set_(self, "fused", tuple((k, _fused_mask(k, v)) for k, v in fused))
         if self.dtype is not None:
-            set_(self, "dtype", jnp.dtype(self.dtype))
+            try:
+                set_(self, "dtype", jnp.dtype(self.dtype))
+            except TypeError:
+                raise TypeError(f"LoraConfig.dtype must be a floating dtype (jnp.float32, 'bfloat16', ...) or None, "
+                                f"got {self.dtype!r}") from None
         self._validate()
 
     def _validate(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+        if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
-            raise ValueError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"LoraConfig.alpha must be a positive finite number, got {self.alpha!r}")
         if not (isinstance(self.targets, (tuple, str)) or callable(self.targets)):
             raise TypeError(
                 f"LoraConfig.targets must be a tuple of module names, a regex string or a predicate "
@@ -118,14 +170,14 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name, value, allowed in (("bias", self.bias, BIAS_MODES), ("scaling", self.scaling, SCALINGS),
                                      ("init", self.init, INITS)):
-            if value not in allowed:
+            if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"LoraConfig.{name} must be one of {allowed}, got {value!r}")
         for key, r in self.rank_pattern:
-            if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            if not isinstance(r, int) or r < 0:
                 raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be an int >= 0, got {r!r}")
         for key, a in self.alpha_pattern:
-            if not isinstance(a, (int, float)) or isinstance(a, bool) or not a > 0:
-                raise ValueError(f"LoraConfig.alpha_pattern[{key!r}] must be a positive number, got {a!r}")
+            if not (a > 0 and math.isfinite(a)):
+                raise ValueError(f"LoraConfig.alpha_pattern[{key!r}] must be a positive finite number, got {a!r}")
         for key, mask in self.fused:
             if len(mask) < 2 or not any(mask):
                 raise ValueError(
@@ -133,14 +185,23 @@ class LoraConfig:
                 )
         if not all(isinstance(m, str) and m for m in self.modules_to_save):
             raise TypeError(f"LoraConfig.modules_to_save must be module names, got {self.modules_to_save!r}")
+        for name in ("rank_pattern", "alpha_pattern", "fused"):
+            for key, _ in getattr(self, name):
+                _check_regex(f"{name} key", key)
+        for m in self.modules_to_save:
+            _check_regex("modules_to_save entry", m)
         if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
             raise ValueError(f"LoraConfig.dtype must be a floating dtype or None, got {self.dtype!r}")
 
     def _lookup(self, pattern: tuple, path: str, default):
-        for key, value in pattern:
-            if path_matches(path, key):
-                return value
-        return default
+        key = self.pattern_key(pattern, path)
+        return default if key is None else dict(pattern)[key]
+
+    def pattern_key(self, pattern: tuple | str, path: str) -> str | None:
+        """The key of `pattern` (a field name, 'rank_pattern' / 'alpha_pattern' / 'fused', or its items) that
+        applies to `path`: the first, in sorted order, that `path_matches`; None if none does."""
+        items = getattr(self, pattern) if isinstance(pattern, str) else pattern
+        return next((key for key, _ in items if path_matches(path, key)), None)
 
     def rank_for(self, path: str) -> int:
         """The rank of the adapter at `path` ('/'-joined parameter path), after `rank_pattern`."""
@@ -195,4 +256,6 @@ def _check_regex(name: str, pattern: str):
     try:
         re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"LoraConfig.{name} is not a valid regex ({e}): {pattern!r}") from None
+        raise ValueError(f"LoraConfig.{name} is not a valid regex ({e}): {pattern!r}; a pattern is a module name "
+                         f"(matched as a '/'-suffix) or a regex that fully matches the path: escape literal "
+                         f"characters with re.escape") from None

@@ -63,10 +63,13 @@ def plain(ctx: Context, value, prim: str):
         ctx.record(value, "fallback", prim)
         return value.w
     msg = (f"jlora: the parameter {value.leaf.path!r} {value.leaf.shape} reaches `{prim}`, which jlora cannot "
-           f"compute factored; materialising W + scale * a @ b instead (correct, slower)")
+           f"compute factored")
     if ctx.strict:
-        raise ValueError(msg + ". Use strict=False to allow the fallback, or keep this weight out of targets")
-    warnings.warn(msg + ". Pass strict=True to make this an error.", FactoredFallbackWarning, stacklevel=2)
+        raise ValueError(msg + "; strict=True refuses the fallback (materialising W + scale * a @ b, correct but "
+                         "slower). To allow it, build the transform with strict=False (a FactoredFallbackWarning "
+                         "then names each fallback), or keep this weight out of targets")
+    warnings.warn(msg + "; materialising W + scale * a @ b instead (correct, slower). Pass strict=True to make "
+                  "this an error.", FactoredFallbackWarning, stacklevel=2)
     return value.materialize()
 
 

@@ -29,9 +29,10 @@ def path_str(path) -> str:
     return "/".join(names)
 
 
-def named_leaves(tree) -> list[tuple[str, Any]]:
-    """`[(path, leaf), ...]` in flattening order."""
-    return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+def named_leaves(tree, *, with_none: bool = False) -> list[tuple[str, Any]]:
+    """`[(path, leaf), ...]` in flattening order; `with_none` keeps None leaves (the holes of a frozen tree)."""
+    is_leaf = (lambda x: x is None) if with_none else None
+    return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
 
 
 def is_weight(path: str, leaf) -> bool:
@@ -62,6 +63,12 @@ def select_targets(variables, config: LoraConfig) -> list[str]:
             )
     elif isinstance(targets, str):
         chosen = [p for p, _ in candidates if re.fullmatch(targets, p)]
+        if not chosen and any(_suffix_match(p.rsplit("/", 1)[0], targets) for p, _ in candidates):
+            raise ValueError(
+                f"LoraConfig.targets={targets!r} is a string, so a regex that must fully match a whole parameter "
+                f"path, and it matches none; modules named {targets!r} exist: to name modules, pass a tuple, "
+                f"targets=({targets!r},)"
+            )
     else:
         chosen = [p for p, _ in candidates if any(_suffix_match(p.rsplit("/", 1)[0], t) or _suffix_match(p, t)
                                                    for t in targets)]
@@ -69,10 +76,23 @@ def select_targets(variables, config: LoraConfig) -> list[str]:
                                                  for p, _ in candidates)]
         if missing and chosen:
             raise ValueError(f"LoraConfig.targets {missing} match no weight; {_candidates_text(candidates)}")
+    _check_pattern_keys(config, chosen)
     chosen = [p for p in chosen if config.rank_for(p) > 0]
     if not chosen:
         raise ValueError(f"LoraConfig.targets={targets!r} selects no parameter; {_candidates_text(candidates)}")
     return chosen
+
+
+def _check_pattern_keys(config: LoraConfig, chosen: list[str]):
+    """A ValueError listing the targets when a rank_pattern, alpha_pattern or fused key matches none of them."""
+    unused = [f"{name}[{key!r}]" for name in ("rank_pattern", "alpha_pattern", "fused")
+              for key, _ in getattr(config, name) if not any(path_matches(p, key) for p in chosen)]
+    if unused and chosen:
+        listed = ", ".join(chosen[:40]) + (f" and {len(chosen) - 40} more" if len(chosen) > 40 else "")
+        raise ValueError(
+            f"LoraConfig {', '.join(unused)} match no target, so they would be ignored; a key is a module name "
+            f"(a '/'-suffix of the path) or a regex that fully matches a target path. The targets are: {listed}"
+        )
 
 
 def _candidates_text(candidates) -> str:
@@ -92,7 +112,7 @@ def trains_in_full(path: str, config: LoraConfig, lora_modules: set[str]) -> boo
 
 def trained_in_full(variables, config: LoraConfig, targets: list[str]) -> list[str]:
     """Paths of leaves that train in full: biases per `config.bias`, and every leaf under `modules_to_save`."""
-    leaves = named_leaves(variables)
+    leaves = named_leaves(variables, with_none=True)
     modules = {t.rpartition("/")[0] for t in targets}
     out = [path for path, _ in leaves if trains_in_full(path, config, modules)]
     unmatched = [m for m in config.modules_to_save if not any(path_matches(p, m) or under(p, m) for p, _ in leaves)]
@@ -124,12 +144,25 @@ def nest(flat: Mapping[str, Any]) -> dict:
 
 
 def flatten_adapters(adapters) -> tuple[dict[str, dict], dict[str, Any]]:
-    """Splits an adapter tree into `{path: {"lora_a", "lora_b"}}` pairs and `{path: array}` full leaves."""
+    """Splits an adapter tree into `{path: {"lora_a", "lora_b"}}` pairs and `{path: array}` full leaves.
+
+    A mapping holding `lora_a` or `lora_b` is a pair: one that lacks either, or holds another key, raises a
+    ValueError naming its path."""
     pairs: dict[str, dict] = {}
     full: dict[str, Any] = {}
 
     def walk(node, prefix):
-        if isinstance(node, Mapping) and set(node) == set(LORA_KEYS):
+        if isinstance(node, Mapping) and set(node) & set(LORA_KEYS):
+            missing = [k for k in LORA_KEYS if k not in node]
+            extra = sorted(str(k) for k in node if k not in LORA_KEYS)
+            if missing or extra:
+                what = "; ".join(([f"{' and '.join(missing)} missing"] if missing else [])
+                                 + ([f"extra {extra}"] if extra else []))
+                raise ValueError(
+                    f"the lora pair at {prefix or '<root>'!r} must hold exactly lora_a and lora_b, found "
+                    f"{sorted(str(k) for k in node)} ({what}); rebuild it as {{'lora_a': ..., 'lora_b': ...}} "
+                    f"(lora.init makes it)"
+                )
             pairs[prefix] = dict(node)
         elif isinstance(node, Mapping):
             for k, v in node.items():

@@ -11,31 +11,50 @@ import jax
 from jlora import analysis, layout
 from jlora.config import LoraConfig
 from jlora.interpreter import Context
+from jlora.nnx_module import NnxFunction, thread
 from jlora.partition import combine, split
 from jlora.paths import flatten_adapters, named_leaves, nest, select_targets
 from jlora.tracked import Leaf, Tracked
 
 
 def _as_function(fn) -> Callable:
-    """`model.apply`, a plain `f(params, *args)`, or an NNX module (run through `nnx.merge`)."""
-    from flax import nnx
+    """`model.apply`, a plain `f(variables, *args)`, or an NNX module (as a `jlora.nnx_module.NnxFunction`). A
+    TypeError saying what to pass for the plausible wrong things: a linen Module or its `init`, a bound module, an
+    NNX `GraphDef` or `State`, a variables dict."""
+    from flax import linen, nnx
 
     if isinstance(fn, nnx.Module):
-        graphdef, _ = nnx.split(fn)
-
-        def nnx_apply(variables, *args, **kwargs):
-            return nnx.merge(graphdef, variables)(*args, **kwargs)
-
-        return nnx_apply
+        return NnxFunction.of(fn)
+    if isinstance(fn, linen.Module):
+        if fn.scope is not None:
+            raise TypeError(f"lora_transform got a bound linen {type(fn).__name__}: pass the unbound apply and the "
+                            f"variables separately: `module, variables = bound.unbind()`, then "
+                            f"lora_transform(module.apply, config) and lora.init(variables, ...)")
+        raise TypeError(f"lora_transform got a linen {type(fn).__name__} Module: pass model.apply, the function "
+                        f"of (variables, *args): lora_transform(model.apply, config)")
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, linen.Module) and getattr(fn, "__name__", "") in ("init", "init_with_output", "lazy_init"):
+        raise TypeError(f"lora_transform got {type(owner).__name__}.{fn.__name__}: pass model.apply, not "
+                        f"model.{fn.__name__} (make the variables with it, then lora.init(variables, ...))")
+    if isinstance(fn, nnx.GraphDef):
+        raise TypeError("lora_transform got an nnx.GraphDef: pass the nnx.Module itself, "
+                        "lora_transform(model, config), rebuilt if need be with nnx.merge(graphdef, state)")
+    if isinstance(fn, nnx.State):
+        raise TypeError("lora_transform got an nnx.State (the variables): pass the module itself, "
+                        "lora_transform(model, config), and give nnx.state(model) to lora.init")
     if not callable(fn):
-        raise TypeError(f"lora_transform needs a callable f(variables, *args) or an nnx.Module, got {type(fn)}")
+        raise TypeError(f"lora_transform needs a callable f(variables, *args) (a linen model.apply) or an "
+                        f"nnx.Module, got a {type(fn).__name__}; the call is lora_transform(fn, config)")
     return fn
 
 
 def as_variables(variables):
-    """NNX `State` -> its pure dict; anything else unchanged."""
+    """NNX `State` -> its pure dict; anything else unchanged. An `nnx.Module` is a TypeError (pass its state)."""
     from flax import nnx
 
+    if isinstance(variables, nnx.Module):
+        raise TypeError(f"the variables are an nnx.Module ({type(variables).__name__}): pass its whole state, "
+                        f"nnx.state(model)")
     return nnx.to_pure_dict(variables) if isinstance(variables, nnx.State) else variables
 
 
@@ -43,7 +62,8 @@ def as_variables(variables):
 class LoraTransform:
     """`init` makes (frozen, adapters) for a model; `apply` runs the model with the adapters, factored.
 
-    Built by `lora_transform`; holds only the wrapped function and static settings, no state.
+    Built by `lora_transform`; holds only the wrapped function and static settings, no state. For an NNX module,
+    `train()` / `eval()` / `view()` return a copy in another mode.
     """
 
     fn: Callable
@@ -58,6 +78,8 @@ class LoraTransform:
         set to None; `adapters` is a nested dict mirroring the variables' paths, holding
         `{"lora_a": ..., "lora_b": ...}` at each target and the arrays trained in full.
         """
+        from jlora.validate import warn_rank
+
         variables = as_variables(variables)
         config = self.config
         targets = select_targets(variables, config)
@@ -76,6 +98,7 @@ class LoraTransform:
                                  f"this one is contracted on its output axes")
             lay = layout.Layout(tuple(w.shape), plan.n_prefix, plan.n_a, config.rank_for(path), fused)
             lay.check(path)
+            warn_rank(path, lay)
             a, b = layout.init_factors(k, lay, kind=plan.kind, input_side=plan.input_side, init=config.init,
                                        dtype=config.dtype or w.dtype)
             pairs[path] = {"lora_a": a, "lora_b": b}
@@ -86,8 +109,17 @@ class LoraTransform:
 
     def apply(self, frozen, adapters, *args, dropout_key=None, **kwargs):
         """Runs the function on the base weights plus adapters, each adapted consumer computed factored:
-        `x @ W + scale * (dropout(x) @ lora_a) @ lora_b`. jit-able; dropout only when `dropout_key` is given."""
-        variables = combine(as_variables(frozen), adapters)
+        `x @ W + scale * (dropout(x) @ lora_a) @ lora_b`. jit-able; LoRA dropout only when `dropout_key` is given.
+
+        Returns what the function returns. For an NNX module: `(y, frozen)`, as `graphdef.apply(state)(x)` does:
+        `frozen` is the given frozen tree (a pure dict, same structure) with the state the call wrote (RNG counts
+        of `nnx.Dropout`, BatchNorm statistics), to pass to the next call; `nnx.update(model, merge(frozen,
+        adapters, config))` puts it and the merged weights into the module."""
+        from jlora.validate import check_adapters
+
+        frozen = as_variables(frozen)
+        check_adapters(frozen, adapters, self.config)  # shapes and paths only: at trace time under jit
+        variables = combine(frozen, adapters)
         pairs, _ = flatten_adapters(adapters)
         named = named_leaves(variables)
         index = {p: i for i, (p, _) in enumerate(named)}
@@ -105,7 +137,29 @@ class LoraTransform:
             tracked[index[path]] = Tracked(w, pair["lora_a"], layout.fused_b(pair["lora_b"], lay), axes=axes,
                                            removed=frozenset(), leaf=leaf)
         ctx = Context(strict=self.strict, key=dropout_key)
-        return analysis.run(self.fn, variables, args, kwargs, lambda i, x: tracked.get(i, x), ctx)
+        out = analysis.run(self.fn, variables, args, kwargs, lambda i, x: tracked.get(i, x), ctx)
+        if isinstance(self.fn, NnxFunction):  # (y, the variables the call wrote) -> (y, the new frozen tree)
+            return out[0], thread(frozen, out[1], self.fn.kinds())
+        return out
+
+    def view(self, *, only=..., raise_if_not_found: bool = True, **attributes) -> LoraTransform:
+        """NNX: a new transform whose module has `attributes` set on its (`only`-filtered) submodules, as
+        `nnx.view(model, **attributes)`; `frozen` and `adapters` stay valid. This transform is unchanged."""
+        if not isinstance(self.fn, NnxFunction):
+            raise TypeError("train(), eval() and view() set attributes of an NNX module; this transform wraps a "
+                            "function: pass the mode as an argument of the call instead, e.g. "
+                            "lora.apply(frozen, adapters, x, train=False) when the model's __call__ takes `train`")
+        return dataclasses.replace(self, fn=self.fn.view(only, raise_if_not_found, **attributes))
+
+    def train(self, **attributes) -> LoraTransform:
+        """NNX: this transform in training mode, as `Module.train()` (deterministic=False,
+        use_running_average=False wherever a submodule has them), but returned, not set in place."""
+        return self.view(raise_if_not_found=False, deterministic=False, use_running_average=False, **attributes)
+
+    def eval(self, **attributes) -> LoraTransform:
+        """NNX: this transform in evaluation mode, as `Module.eval()` (deterministic=True, use_running_average=True
+        wherever a submodule has them), but returned, not set in place."""
+        return self.view(raise_if_not_found=False, deterministic=True, use_running_average=True, **attributes)
 
     def consumers(self, variables, *example_args, **example_kwargs) -> dict[str, list[str]]:
         """`{target path: [consumer, ...]}`: which primitives each target reaches ('dot', 'conv', 'gather' run
@@ -129,7 +183,26 @@ def _merge_nested(into: dict, extra: dict):
 def lora_transform(fn, config: LoraConfig, *, strict: bool = False) -> LoraTransform:
     """Wraps `fn(variables, *args, **kwargs)` (a linen `model.apply`, a plain function, or an `nnx.Module`)
     so its targeted weights carry LoRA adapters. `strict=True` makes a consumer jlora cannot compute factored an
-    error instead of a materialising fallback with a warning."""
+    error instead of a fallback that materialises `W + scale * a @ b` with a warning.
+
+    Returns a `LoraTransform` (no state, no arrays): `init(variables, *example_args, key=)` -> `(frozen, adapters)`,
+    `apply(frozen, adapters, *args, dropout_key=None)` -> fn's output, `consumers(variables, *example_args)` ->
+    which primitive each target reaches. Pass `model.apply`, not a linen Module (a TypeError says so)::
+
+        lora = lora_transform(model.apply, LoraConfig(rank=8, alpha=16, targets=("query", "value")))
+        frozen, adapters = lora.init(variables, x, key=jax.random.key(1))   # adapters: {path: {lora_a, lora_b}}
+        y = lora.apply(frozen, adapters, x)                                 # jit and grad over adapters
+
+    An NNX module is passed itself, with its whole state as the variables; `apply` then returns `(y, frozen)`,
+    frozen holding the state the call wrote (dropout RNG counts, BatchNorm statistics) for the next call, and
+    `lora.train()` / `lora.eval()` / `lora.view(**attributes)` return the transform in another mode::
+
+        lora = lora_transform(model, config)
+        frozen, adapters = lora.init(nnx.state(model), x, key=jax.random.key(1))
+        y, frozen = lora.apply(frozen, adapters, x)                 # train mode: fresh dropout mask, new stats
+        y, _ = lora.eval().apply(frozen, adapters, x)               # running stats, no dropout
+        nnx.update(model, merge(frozen, adapters, config))          # merged weights and stats into the module
+    """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a jlora.LoraConfig, got {type(config).__name__}")
     return LoraTransform(_as_function(fn), config, strict)

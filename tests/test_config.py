@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jlora
@@ -24,7 +25,7 @@ VARS = {
     [
         (dict(rank=0), "rank must be a positive int"),
         (dict(rank=2.5), "rank must be a positive int"),
-        (dict(alpha=0), "alpha must be a positive number"),
+        (dict(alpha=0), "alpha must be a positive finite number"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(bias="some"), "bias must be one of"),
         (dict(scaling="sqrt"), "scaling must be one of"),
@@ -32,9 +33,16 @@ VARS = {
         (dict(targets=()), "targets is empty"),
         (dict(targets="("), "not a valid regex"),
         (dict(rank_pattern={"query": -1}), r"rank_pattern\['query'\] must be an int >= 0"),
-        (dict(alpha_pattern={"query": 0}), r"alpha_pattern\['query'\] must be a positive number"),
+        (dict(alpha_pattern={"query": 0}), r"alpha_pattern\['query'\] must be a positive finite number"),
         (dict(fused={"c_attn": (False, False)}), "at least one enabled"),
         (dict(dtype=jnp.int32), "floating dtype"),
+        (dict(alpha=math.inf), "alpha must be a positive finite number, got inf"),
+        (dict(alpha=math.nan), "alpha must be a positive finite number, got nan"),
+        (dict(alpha_pattern={"query": math.inf}), r"alpha_pattern\['query'\] must be a positive finite number"),
+        (dict(rank_pattern={"layer_(0": 4}), r"rank_pattern key is not a valid regex .*'layer_\(0'.*re.escape"),
+        (dict(alpha_pattern={"[q": 2.0}), "alpha_pattern key is not a valid regex"),
+        (dict(fused={"c_attn)": (1, 0, 1)}), "fused key is not a valid regex"),
+        (dict(modules_to_save=("head[",)), "modules_to_save entry is not a valid regex"),
     ],
 )
 def test_invalid_values_raise(kwargs, match):
@@ -46,11 +54,30 @@ def test_invalid_values_raise(kwargs, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [(dict(targets=3), "targets must be a tuple"), (dict(targets=("q", 3)), "targets names must be"),
-     (dict(modules_to_save=(3,)), "modules_to_save must be"), (dict(rank_pattern=3), "rank_pattern must be")],
+     (dict(modules_to_save=(3,)), "modules_to_save must be"), (dict(rank_pattern=3), "rank_pattern must be"),
+     (dict(dropout="0.1"), r"dropout must be a number, got str '0.1' \(write dropout=0.1"),
+     (dict(dropout=None), "dropout must be a number, got NoneType None"),
+     (dict(dtype="foo"), r"dtype must be a floating dtype \(jnp.float32, 'bfloat16', ...\) or None, got 'foo'"),
+     (dict(fused={"query": 3}), r"fused\['query'\] must be a tuple of bools, one per slice"),
+     (dict(fused={"query": "ab"}), r"fused\['query'\] must be a tuple of bools"),
+     (dict(fused={"query": (1, 2)}), r"fused\['query'\] must hold bools \(or 0/1\), got \(1, 2\)"),
+     (dict(rank="8"), r"rank must be an int, got str '8' \(write rank=8"),
+     (dict(alpha="16"), "alpha must be a number, got str '16'"),
+     (dict(rank_pattern={"query": "4"}), r"rank_pattern\['query'\] must be an int, got str"),
+     (dict(rank_pattern={3: 4}), "rank_pattern keys must be non-empty module names"),
+     (dict(alpha_pattern="query"), "alpha_pattern must be a mapping of name -> float, got the string"),
+     (dict(modules_to_save=5), r"modules_to_save must be a tuple of module names \(or None\), got int 5"),
+     (dict(targets=5), "targets must be a tuple")],
 )
 def test_invalid_types_raise(kwargs, match):
     with pytest.raises(TypeError, match=match):
         jlora.LoraConfig(**{"targets": ("query",), **kwargs})
+
+
+def test_modules_to_save_none_and_numpy_scalars_are_accepted():
+    cfg = jlora.LoraConfig(targets=("query",), modules_to_save=None, rank=np.int64(4), alpha=np.float32(2.0))
+    assert cfg.modules_to_save == () and cfg == jlora.LoraConfig(targets=("query",), rank=4, alpha=2.0)
+    assert type(cfg.rank) is int and jlora.LoraConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_config_is_hashable_and_normalised():
@@ -78,7 +105,28 @@ def test_target_forms_select_the_same_weights():
     want = ["params/layer_0/query/kernel", "params/layer_0/value/kernel"]
     for cfg in (names, regex, pred):
         assert select_targets(VARS, cfg) == want
-    assert select_targets(VARS, jlora.LoraConfig(targets=("query",), rank_pattern={"value": 0})) == want[:1]
+    assert select_targets(VARS, jlora.LoraConfig(targets=("query", "value"), rank_pattern={"value": 0})) == want[:1]
+
+
+@pytest.mark.parametrize("field, value", [("rank_pattern", {"valeu": 2}), ("alpha_pattern", {"layer_0/vlaue": 4.0}),
+                                          ("fused", {"qkv": (True, False, True)}), ("rank_pattern", {"head": 2})])
+def test_pattern_keys_matching_no_target_raise(field, value):
+    cfg = jlora.LoraConfig(targets=("query", "value"), **{field: value})
+    key = next(iter(value))
+    match = (rf"{field}\['{key}'\] match no target, so they would be ignored.*The targets are: "
+             r"params/layer_0/query/kernel, params/layer_0/value/kernel")
+    with pytest.raises(ValueError, match=match):
+        select_targets(VARS, cfg)
+    with pytest.raises(ValueError, match=match):
+        jlora.lora_transform(lambda p, x: x @ p["params"]["layer_0"]["query"]["kernel"], cfg).init(
+            VARS, jnp.ones((2, 11)), key=jax.random.key(0))
+
+
+def test_string_target_naming_a_module_hints_a_tuple():
+    with pytest.raises(ValueError, match=r"targets='query' is a string, so a regex .* targets=\('query',\)"):
+        select_targets(VARS, jlora.LoraConfig(targets="query"))
+    with pytest.raises(ValueError, match="selects no parameter"):  # no module of that name: no such hint
+        select_targets(VARS, jlora.LoraConfig(targets="key"))
 
 
 def test_target_matching_nothing_lists_candidates():

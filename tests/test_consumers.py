@@ -180,27 +180,3 @@ def test_fallback_warns_and_strict_raises():
         warnings.simplefilter("error")
         jlora.lora_transform(lambda p, x: x @ p["w"], cfg, strict=True).apply(frozen, ad, x)
 
-
-def test_nnx_module():
-    from flax import nnx
-
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.query = nnx.Linear(11, 19, rngs=rngs)
-            self.out = nnx.Linear(19, 13, rngs=rngs)
-
-        def __call__(self, x):
-            return self.out(jnp.tanh(self.query(x)))
-
-    model, x = Net(nnx.Rngs(0)), x_of(5, 11)
-    cfg = jlora.LoraConfig(rank=3, alpha=5.0, targets=("query",))
-    state = nnx.state(model)
-    lora = jlora.lora_transform(model, cfg, strict=True)
-    frozen, ad = lora.init(state, x, key=jax.random.key(1))
-    assert adapter_shapes(ad) == {"query": {"kernel": {"lora_a": (11, 3), "lora_b": (3, 19)}}}
-    ad = perturb(ad)
-    merged = jlora.merge(frozen, ad, cfg)
-    graphdef, _ = nnx.split(model)
-    want = nnx.merge(graphdef, merged)(x)
-    np.testing.assert_allclose(jax.jit(lora.apply)(frozen, ad, x), want, atol=1e-5)
-    assert not np.allclose(want, model(x), atol=1e-3)

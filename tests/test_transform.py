@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import perturb
 
 import jlora
@@ -87,3 +88,17 @@ def test_frozen_weights_are_arguments_not_constants():
     closed = jax.make_jaxpr(jax.grad(loss, argnums=1))(frozen, ad, X)
     assert all(np.size(c) <= 1 for c in closed.consts), [np.shape(c) for c in closed.consts]
     assert len(closed.jaxpr.invars) == len(jax.tree.leaves((frozen, ad, X)))
+
+
+def test_strict_error_says_it_refuses_and_the_warning_that_it_materialises():
+    def f(params, x):
+        return x @ jnp.sin(params["w"])  # sin: no factored rule
+
+    params = {"w": jax.random.normal(jax.random.key(2), (11, 19))}
+    cfg = jlora.LoraConfig(rank=3, alpha=5.0, targets=("w",))
+    frozen, ad = jlora.lora_transform(f, cfg).init(params, X, key=jax.random.key(1))
+    with pytest.raises(ValueError, match=r"reaches `sin`.*strict=True refuses the fallback.*strict=False") as err:
+        jlora.lora_transform(f, cfg, strict=True).apply(frozen, perturb(ad), X)
+    assert "instead" not in str(err.value)
+    with pytest.warns(jlora.FactoredFallbackWarning, match=r"reaches `sin`[^.]*; materialising W \+ scale"):
+        jlora.lora_transform(f, cfg).apply(frozen, perturb(ad), X)
