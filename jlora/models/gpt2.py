@@ -246,15 +246,19 @@ class GPT2LMHeadModel(nn.Module):
         return init_cache(self.config, batch, max_len, dtype or self.dtype)
 
 
-def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32) -> tuple[GPT2LMHeadModel, dict]:
+def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32,
+                    strict: bool = True) -> tuple[GPT2LMHeadModel, dict]:
     """`(module, variables)` from a Hugging Face GPT-2 directory (config.json + safetensors) or hub id.
 
     Parameters and computation in `dtype`. Tensor names may carry the "transformer." prefix (GPT2LMHeadModel) or
-    not (GPT2Model); a tied `lm_head.weight` is ignored, an untied one is read transposed (vocab, d) -> (d, vocab).
-    Raises FileNotFoundError for a missing directory, ValueError for a non-GPT-2 config or tensors that do not
-    match the config (naming the tensor and both shapes)."""
+    not (GPT2Model); an untied `lm_head.weight` is read transposed (vocab, d) -> (d, vocab), a tied one must equal
+    `wte`. The causal-mask buffers old checkpoints hold (`attn.bias`, `attn.masked_bias`) are skipped; any other
+    tensor the model does not use (e.g. layers beyond config.json's `n_layer`) is a ValueError, or with
+    `strict=False` an `UnusedTensorsWarning` listing them. Raises FileNotFoundError for a missing directory or file,
+    ValueError for a non-GPT-2 or malformed config, a damaged file, missing tensors or tensors that do not match
+    the config (naming the tensor and both shapes)."""
     directory = hf.resolve(path_or_dir)
-    config = GPT2Config.from_hf(hf.read_config(directory))
+    config = hf.parse_config(GPT2Config.from_hf, hf.read_config(directory), source=directory / "config.json")
     model = GPT2LMHeadModel(config, dtype=dtype)
     template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     tensors = hf.read_safetensors(directory)
@@ -264,6 +268,8 @@ def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32) -> tup
         key = hf.default_key(path)
         return key if prefixed or not key.startswith("transformer.") else key.removeprefix("transformer.")
 
+    tied = ("lm_head.weight", key_of("params/transformer/wte/embedding")) if config.tie_word_embeddings else None
     variables = hf.convert(template, tensors, key_of=key_of, transpose=lambda p: p.endswith("lm_head/kernel"),
-                           dtype=dtype, source=str(directory))
+                           dtype=dtype, source=str(directory), strict=strict, tied=tied,
+                           buffers=(r"(?:^|\.)attn\.(?:masked_)?bias$",), layers=("n_layer", config.n_layer))
     return model, variables

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora.models.hf import convert, read_config, read_safetensors, resolve
+from jlora.models.gguf import read_gguf
+from jlora.models.hf import convert, parse_config, read_config, read_safetensors, resolve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,23 +274,26 @@ class Llama(nn.Module):
         return init_cache(self.config, batch, max_len, dtype or self.dtype)
 
 
-def from_tensors(hf_config: dict, tensors: dict, *, dtype=jnp.float32, source: str = "") -> tuple[Llama, dict]:
-    """(module, variables) from a HF-style config dict and `{hf_name: array}` (torch layout, Linear (out, in))."""
-    config = LlamaConfig.from_hf(hf_config)
+def from_tensors(hf_config: dict | LlamaConfig, tensors: dict, *, dtype=jnp.float32, source: str = "",
+                 strict: bool = True) -> tuple[Llama, dict]:
+    """(module, variables) from a HF config dict or LlamaConfig and `{hf_name: array}` (torch layout, Linear (out, in));
+    `source`, the file they came from, is named in errors. `strict`: see `from_pretrained`."""
+    config = parse_config(LlamaConfig.from_hf, hf_config, source=source) if isinstance(hf_config, dict) else hf_config
     module = Llama(config, dtype=dtype)
     template = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     variables = convert(template, tensors, transpose=lambda path: path.endswith("/kernel"), dtype=dtype,
-                        source=source)
+                        source=source, strict=strict, buffers=(r"(?:^|\.)rotary_emb\.inv_freq$",),
+                        layers=("num_hidden_layers", config.num_hidden_layers),
+                        tied=("lm_head.weight", "model.embed_tokens.weight") if config.tie_word_embeddings else None)
     return module, variables
 
 
-def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32) -> tuple[Llama, dict]:
-    """(module, variables) from a HF directory (config.json + safetensors), a hub id, or a `.gguf` file (read by
-    `jlora.models.gguf.read_gguf`, dequantized to float32, then cast to `dtype`)."""
-    if str(path_or_dir).endswith(".gguf"):
-        from jlora.models.gguf import read_gguf
-
-        hf_config, tensors, _ = read_gguf(path_or_dir)
-        return from_tensors(hf_config, tensors, dtype=dtype, source=str(path_or_dir))
+def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32, strict: bool = True) -> tuple[Llama, dict]:
+    """(module, variables) from a HF directory (config.json + safetensors), a hub id, or a `.gguf` file (`read_gguf`,
+    dequantized to float32, then cast to `dtype`). Unused tensors (e.g. layers beyond `num_hidden_layers`; old
+    `rotary_emb.inv_freq` buffers are skipped) are a ValueError, or with `strict=False` an UnusedTensorsWarning."""
+    if str(path_or_dir).endswith(".gguf"):  # (hf config, tensors, tokenizer)
+        return from_tensors(*read_gguf(path_or_dir)[:2], dtype=dtype, source=str(path_or_dir), strict=strict)
     directory = resolve(path_or_dir)
-    return from_tensors(read_config(directory), read_safetensors(directory), dtype=dtype, source=str(directory))
+    config = parse_config(LlamaConfig.from_hf, read_config(directory), source=directory / "config.json")
+    return from_tensors(config, read_safetensors(directory), dtype=dtype, source=str(directory), strict=strict)
