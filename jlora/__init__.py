@@ -12,6 +12,7 @@ from jlora.merge import merge, unmerge
 from jlora.optim import loralib_adamw, masked_optimizer
 from jlora.partition import combine, split, trainable_mask
 from jlora.transform import LoraTransform, lora_transform
+from jlora.validate import RankWarning, check_adapters, check_pairs
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,9 @@ __all__ = [
     "FactoredFallbackWarning",
     "LoraConfig",
     "LoraTransform",
+    "RankWarning",
+    "check_adapters",
+    "check_pairs",
     "combine",
     "fingerprint",
     "load_adapters",
