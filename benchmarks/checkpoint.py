@@ -168,7 +168,7 @@ def table(config: Config, result: dict[str, Any]) -> str:
     lines.append(common.md_table(["model", "checkpoint", "params", "array bytes", "on disk", "disk / model",
                                   "save (s)", "/ model", "restore (s)", "/ model"], rows, align="llrrrrrrrr"))
     lines += ["", "- `on disk` includes orbax's metadata files; the adapter checkpoint also holds the LoRA config and "
-              "the base model's fingerprint (the shape and dtype of each adapted weight)."]
+              "the base model's fingerprint (the shape, dtype and a content digest of each adapted weight)."]
     return "\n".join(lines) + "\n"
 
 

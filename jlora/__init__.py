@@ -5,9 +5,10 @@
     y = lora.apply(frozen, adapters, x)
 """
 
-from jlora.checkpoint import AdapterCheckpointManager, fingerprint, load_adapters, save_adapters
+from jlora.checkpoint import CorruptCheckpointError, fingerprint, load_adapters, save_adapters
 from jlora.config import LoraConfig
 from jlora.interpreter import FactoredFallbackWarning
+from jlora.manager import AdapterCheckpointManager
 from jlora.merge import merge, unmerge
 from jlora.optim import loralib_adamw, masked_optimizer
 from jlora.partition import combine, split, trainable_mask
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterCheckpointManager",
+    "CorruptCheckpointError",
     "FactoredFallbackWarning",
     "LoraConfig",
     "LoraTransform",

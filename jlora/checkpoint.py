@@ -4,71 +4,71 @@
     adapters, config = jlora.load_adapters("/ckpt/run1", variables=variables)
 
 A checkpoint is an orbax composite of two items: `adapters`, the adapter tree (StandardSave), and `meta`, a JSON
-object `{"format", "config", "arrays", "base"}`: the config (`LoraConfig.to_dict`), the shape and dtype of every
-adapter array keyed by its '/'-joined path (the abstract restore target), and the base fingerprint (see
-`fingerprint`), or null when saved without `variables`. The frozen base weights are never written. orbax writes
-into a temporary directory and renames it when complete, so a crash mid-save leaves no checkpoint at that path and
-every other checkpoint untouched.
+file (`meta/metadata`) `{"format": "jlora.adapters/2", "config", "arrays", "base", "sha256"}`: the config
+(`LoraConfig.to_dict`), the shape and dtype of every adapter array keyed by its '/'-joined path (the abstract restore
+target), the base fingerprint (`jlora.fingerprint`: shapes, dtypes and content digests of the adapted weights), or
+null when saved without `variables`, and the sha256 of the canonical JSON (sorted keys, no spaces) of the other four
+fields. A metadata file whose checksum differs is refused. Checkpoints of format "jlora.adapters/1" (no checksum,
+no digests) still load, with the base compared by shapes and dtypes. The frozen base weights are never written.
+The checkpoint is written beside `path` and moved into place when complete (`jlora.atomic.replace_dir`): a crash
+mid-save leaves `path` as it was, and an overwritten checkpoint stays readable until its replacement is whole.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from etils import epath
 
-from jlora import layout
+from jlora import validate
+from jlora.atomic import replace_dir
+from jlora.basecheck import _spec, check_base, fingerprint
 from jlora.config import LoraConfig
-from jlora.paths import flatten_adapters, named_leaves, nest, path_str
-from jlora.transform import as_variables
+from jlora.paths import flatten_adapters, named_leaves, nest
+from jlora.quiet import quiet_orbax
 
-FORMAT = "jlora.adapters/1"
-
-
-def _spec(x) -> dict:
-    return {"shape": [int(d) for d in x.shape], "dtype": jnp.dtype(x.dtype).name}
-
-
-def _text(spec: dict) -> str:
-    return f"{tuple(spec['shape'])} {spec['dtype']}"
+FORMAT = "jlora.adapters/2"
+_KEYS = {"jlora.adapters/1": {"format", "config", "arrays", "base"},
+         FORMAT: {"format", "config", "arrays", "base", "sha256"}}
+_ENTRIES = {"_CHECKPOINT_METADATA", "commit_success.txt", "meta", "adapters"}  # what orbax writes at the top
+WHAT = "jlora adapter checkpoint"
 
 
-def _slots(variables) -> dict[str, Any]:
-    """`{path: leaf}` over `variables`, None slots (leaves trained in full, in a frozen tree) included."""
-    flat = jax.tree_util.tree_flatten_with_path(as_variables(variables), is_leaf=lambda x: x is None)[0]
-    return {path_str(p): x for p, x in flat}
+class CorruptCheckpointError(ValueError):
+    """A checkpoint directory that is not a whole, intact jlora adapter checkpoint; the message names the path and
+    what is wrong."""
 
 
-def _base_specs(variables, pairs, full) -> tuple[dict[str, dict | None], list[str]]:
-    """`({path: spec of the base parameter, or None where the variables hold a None slot}, [missing paths])`."""
-    slots, specs, missing = _slots(variables), {}, []
-    for path in sorted({*pairs, *full}):
-        leaf = slots.get(path)
-        if leaf is None and not (path in slots and path in full):
-            missing.append(path)
-        else:
-            specs[path] = None if leaf is None else _spec(leaf)
-    return specs, missing
+def checksum(body: dict) -> str:
+    """The hex sha256 of `body`'s canonical JSON (sorted keys, no spaces, ASCII)."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def fingerprint(variables, adapters) -> dict[str, dict]:
-    """`{path: {"shape": [...], "dtype": "float32"}}`: the base parameter's shape and dtype at every path that has
-    an adapter (a lora pair or a leaf trained in full), sorted by path; JSON-able.
-
-    `variables` is the full variables tree or the frozen one; where frozen holds None (a leaf trained in full) the
-    shape and dtype are those of the adapter array itself. Raises a ValueError naming paths absent from `variables`.
-    """
-    pairs, full = flatten_adapters(adapters)
-    specs, missing = _base_specs(variables, pairs, full)
-    if missing:
-        raise ValueError(f"the adapters have paths {missing} that the variables lack")
-    return {p: _spec(full[p]) if s is None else s for p, s in specs.items()}
+def absolute(path) -> pathlib.Path:
+    """`path` (str or PathLike) as an absolute pathlib.Path."""
+    return pathlib.Path(os.path.abspath(os.fspath(path)))
 
 
-def _save_args(adapters, config: LoraConfig, variables) -> ocp.args.Composite:
+def is_jlora_checkpoint(path) -> bool:
+    """True when `path` is a directory holding only what `save_adapters` writes, whose `meta/metadata` is a JSON
+    object of a jlora adapter format (checked cheaply: the checksum and the arrays are not read)."""
+    path = pathlib.Path(path)
+    try:
+        if path.is_symlink() or not path.is_dir() or not set(os.listdir(path)) <= _ENTRIES:
+            return False
+        meta = json.loads((path / "meta" / "metadata").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") in _KEYS
+
+
+def save_args(adapters, config: LoraConfig, variables) -> ocp.args.Composite:
+    """The orbax arguments that write a checkpoint of `adapters`, after checking them (`jlora.validate`)."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a jlora.LoraConfig, got {type(config).__name__}")
     pairs, _ = flatten_adapters(adapters)
@@ -78,88 +78,86 @@ def _save_args(adapters, config: LoraConfig, variables) -> ocp.args.Composite:
     bad = [p for p, x in leaves if not (hasattr(x, "shape") and hasattr(x, "dtype"))]
     if bad:
         raise ValueError(f"adapter leaves at {bad} are not arrays (no shape/dtype); only arrays can be saved")
+    if variables is None:
+        validate.check_pairs(adapters, config)
+    else:
+        validate.check_adapters(variables, adapters, config)
     if callable(config.targets):
         config = config.with_targets(pairs)
-    meta = {
+    body = {
         "format": FORMAT,
         "config": config.to_dict(),
         "arrays": {p: _spec(x) for p, x in leaves},
         "base": None if variables is None else fingerprint(variables, adapters),
     }
+    meta = {**body, "sha256": checksum(body)}
     return ocp.args.Composite(adapters=ocp.args.StandardSave(adapters), meta=ocp.args.JsonSave(meta))
 
 
-def _path(path) -> epath.Path:
-    path = epath.Path(path)
-    return path if path.is_absolute() else path.absolute()
+def write(path: pathlib.Path, args: ocp.args.Composite) -> None:
+    """Writes a checkpoint with orbax to `path`, which must not exist (orbax's log records held, see quiet)."""
+    with quiet_orbax(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(path, args=args)
 
 
 def save_adapters(path, adapters, config: LoraConfig, *, variables=None, overwrite: bool = False) -> None:
     """Writes `adapters` (the tree from `lora.init`: lora pairs `lora_a`/`lora_b` of any float dtype and the leaves
     trained in full), `config` and the base fingerprint to the directory `path`, atomically.
 
-    A predicate `config.targets` is saved as `config.with_targets(<lora pair paths>)`. With `variables` (the full
-    or frozen tree) the base shapes and dtypes are recorded and `load_adapters(..., variables=...)` compares them
-    exactly; without, only the adapter shapes are stored (lora_a/lora_b shapes do not determine W for every
-    layout), and loading onto variables checks that each pair fits its weight (`layout.read_layout`).
-    An existing `path` raises FileExistsError unless `overwrite=True` (which deletes it first, so not atomically).
+    The adapters are checked against `config` first (`jlora.validate`: every pair's rank and layout, and with
+    `variables` every target covered and every leaf trained in full present); a ValueError names the path. A
+    predicate `config.targets` is saved as `config.with_targets(<lora pair paths>)`. With `variables` (the full or
+    frozen tree) the base shapes, dtypes and content digests are recorded and `load_adapters(..., variables=...)`
+    compares them; without, only the adapter shapes are stored and loading onto variables checks that each pair
+    fits its weight (`layout.read_layout`).
+
+    An existing `path` raises FileExistsError unless `overwrite=True`, which replaces it atomically: the new
+    checkpoint is written beside and swapped in only when whole, so a crash or an error (disk full) during the
+    write leaves the old one loadable. `overwrite=True` on a directory that is not a jlora adapter checkpoint (a run
+    folder holding other files) raises a ValueError and deletes nothing.
     """
-    path = _path(path)
-    args = _save_args(adapters, config, variables)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(path, args=args, force=overwrite)
+    path = absolute(path)
+    args = save_args(adapters, config, variables)
+    with replace_dir(path, overwrite=overwrite, is_ours=is_jlora_checkpoint, what=WHAT) as new:
+        write(new, args)
 
 
-def _read_meta(restore, where: str) -> tuple[dict, LoraConfig]:
+def _corrupt(where: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{where} is not a complete jlora adapter checkpoint: {what}")
+
+
+def read_meta(path: pathlib.Path) -> tuple[dict, LoraConfig]:
+    """`(meta, config)` from `path/meta/metadata`, verified (format, keys, checksum, config, array specs); raises a
+    CorruptCheckpointError naming the file and what is wrong."""
+    file = path / "meta" / "metadata"
     try:
-        meta = restore(ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except Exception as e:
-        raise ValueError(f"{where} is not a complete jlora adapter checkpoint: its metadata cannot be read "
-                         f"({type(e).__name__}: {e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not {"config", "arrays", "base"} <= set(meta):
-        raise ValueError(f"{where} is not a jlora adapter checkpoint: its metadata is not of format {FORMAT!r}")
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _corrupt(str(path), f"its metadata cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict) or meta.get("format") not in _KEYS or set(meta) != _KEYS[meta["format"]]:
+        got = (f"format {meta.get('format')!r} with the keys {sorted(meta)}" if isinstance(meta, dict)
+               else f"a JSON {type(meta).__name__}")
+        raise CorruptCheckpointError(
+            f"{path} is not a jlora adapter checkpoint: its metadata {file} is not of format {FORMAT!r} with the keys "
+            f"{sorted(_KEYS[FORMAT])} (nor 'jlora.adapters/1' without 'sha256'); got {got}")
+    if "sha256" in meta:
+        body = {k: v for k, v in meta.items() if k != "sha256"}
+        if checksum(body) != meta["sha256"]:
+            raise _corrupt(str(path), f"the metadata file {file} does not match its sha256 checksum (the file was "
+                                      f"changed or damaged after it was written); restore it from a copy")
     try:
         config = LoraConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: the saved config is invalid ({e})") from e
+        raise _corrupt(str(path), f"the saved config is invalid ({e})") from e
     try:
         specs = [*meta["arrays"].values(), *(meta["base"] or {}).values()]
         for s in specs:
             jax.ShapeDtypeStruct(tuple(s["shape"]), jnp.dtype(s["dtype"]))
+            if not isinstance(s.get("digest"), str | None):
+                raise TypeError(f"digest {s['digest']!r} is not a string")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{where}: the saved array specs are malformed ({type(e).__name__}: {e})") from e
+        raise _corrupt(str(path), f"the saved array specs are malformed ({type(e).__name__}: {e})") from e
     return meta, config
-
-
-def _check_base(meta: dict, config: LoraConfig, variables, where: str):
-    """Raises one ValueError naming every path whose base differs from the saved fingerprint, or is missing."""
-    arrays = meta["arrays"]
-    pairs = {p.rsplit("/", 1)[0] for p in arrays if p.rsplit("/", 1)[-1] in ("lora_a", "lora_b")}
-    full = set(arrays) - {f"{p}/{k}" for p in pairs for k in ("lora_a", "lora_b")}
-    specs, missing = _base_specs(variables, pairs, full)
-    problems = [f"{p}: missing from the variables" for p in missing]
-    for path, spec in specs.items():
-        if spec is None:  # a None slot of a frozen tree: the saved array is the base
-            continue
-        if meta["base"] is not None:
-            saved = meta["base"].get(path)
-            if saved != spec:
-                was = "not recorded" if saved is None else _text(saved)
-                problems.append(f"{path}: saved base {was}, variables have {_text(spec)}")
-        elif path in full:
-            if arrays[path] != spec:
-                problems.append(f"{path}: saved array {_text(arrays[path])}, variables have {_text(spec)}")
-        else:
-            a, b = arrays[f"{path}/lora_a"]["shape"], arrays[f"{path}/lora_b"]["shape"]
-            try:
-                layout.read_layout(path, spec["shape"], a, b, config.fused_for(path))
-            except ValueError as e:
-                problems.append(str(e))
-    if problems:
-        raise ValueError(f"the checkpoint at {where} does not fit these variables (base fingerprint differs):\n  "
-                         + "\n  ".join(problems))
 
 
 def _abstract(meta: dict, target, where: str):
@@ -178,94 +176,32 @@ def _abstract(meta: dict, target, where: str):
                         target)
 
 
-def _restore(restore, where: str, variables, target) -> tuple[dict, LoraConfig]:
-    meta, config = _read_meta(restore, where)
-    if variables is not None:
-        _check_base(meta, config, variables, where)
-    abstract = _abstract(meta, target, where)
-    try:
-        adapters = restore(ocp.args.Composite(adapters=ocp.args.StandardRestore(abstract))).adapters
-    except Exception as e:
-        raise ValueError(f"{where} is corrupt or partial: its adapter arrays cannot be read "
-                         f"({type(e).__name__}: {e})") from e
-    return adapters, config
-
-
-def load_adapters(path, *, variables=None, target=None) -> tuple[dict, LoraConfig]:
+def load_adapters(path, *, variables=None, target=None, check_weights: bool = True) -> tuple[dict, LoraConfig]:
     """`(adapters, config)` from a `save_adapters` directory: jax arrays of the saved shapes and dtypes, nested as
     saved (`{"params": {"query": {"kernel": {"lora_a": (in, r), "lora_b": (r, out)}, "bias": (out,)}}}`).
 
     The arrays are restored against an abstract target (`jax.ShapeDtypeStruct`s) built from the saved metadata, or
     from `target` (a tree of arrays or ShapeDtypeStructs with the saved paths and shapes, whose dtypes and shardings
     are used). With `variables` (full or frozen), a base that differs from the saved fingerprint, or lacks a saved
-    path, raises a ValueError naming every such path with both shapes and dtypes. A missing directory raises
-    FileNotFoundError; a corrupt or partial checkpoint a ValueError naming the path.
+    path, raises a ValueError naming every such path with both shapes and dtypes; with `check_weights` (default)
+    the content digest of each adapted weight is compared too, so another fine-tune of the same architecture is
+    refused (`check_weights=False` compares shapes and dtypes only; abstract variables need it). A missing directory
+    raises FileNotFoundError; a corrupt or partial checkpoint, or metadata whose checksum differs, a
+    CorruptCheckpointError (a ValueError) naming the path.
     """
-    path = _path(path)
+    path = absolute(path)
     if not path.exists():
         raise FileNotFoundError(f"no adapter checkpoint at {path}: the directory does not exist")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        return _restore(lambda args: checkpointer.restore(path, args=args), str(path), variables, target)
+    meta, config = read_meta(path)
+    if variables is not None:
+        check_base(meta, config, variables, str(path), check_weights)
+    abstract = _abstract(meta, target, str(path))
+    try:
+        with quiet_orbax(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            args = ocp.args.Composite(adapters=ocp.args.StandardRestore(abstract))
+            adapters = checkpointer.restore(path, args=args).adapters
+    except Exception as e:
+        raise CorruptCheckpointError(f"{path} is corrupt or partial: its adapter arrays cannot be read "
+                                     f"({type(e).__name__}: {e})") from e
+    return adapters, config
 
-
-class AdapterCheckpointManager:
-    """Step-numbered adapter checkpoints under `directory` (`<directory>/<step>`), keeping the last `max_to_keep`.
-
-        with jlora.AdapterCheckpointManager("/ckpt/run1", max_to_keep=3) as manager:
-            manager.save(step, adapters, config, variables=frozen)
-            adapters, config = manager.restore(variables=variables)  # the latest step
-
-    Each step holds what `save_adapters` writes. Saves are synchronous: `save` returns once the step is complete
-    and renamed into place, so a crash mid-save leaves the earlier steps, and `restore()`, intact.
-    """
-
-    def __init__(self, directory, *, max_to_keep: int | None = 3):
-        if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
-                                        or max_to_keep < 1):
-            raise ValueError(f"max_to_keep must be a positive int or None (keep all), got {max_to_keep!r}")
-        self.directory = _path(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
-
-    def save(self, step: int, adapters, config: LoraConfig, *, variables=None) -> None:
-        """Saves step `step` (an int greater than every saved step); see `save_adapters` for `variables`."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
-        latest = self.latest_step()
-        if latest is not None and step <= latest:
-            raise ValueError(f"step {step} is not after the latest saved step {latest} in {self.directory}")
-        args = _save_args(adapters, config, variables)
-        if not self._manager.save(step, args=args):
-            raise RuntimeError(f"orbax skipped saving step {step} in {self.directory}")
-        self._manager.wait_until_finished()
-
-    def restore(self, step: int | None = None, *, variables=None, target=None) -> tuple[dict, LoraConfig]:
-        """`(adapters, config)` of `step` (the latest when None); see `load_adapters` for `variables`/`target`."""
-        steps = self.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no adapter checkpoints in {self.directory}")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; the steps are {steps}")
-        where = str(self.directory / str(step))
-        return _restore(lambda args: self._manager.restore(step, args=args), where, variables, target)
-
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        """The saved steps, ascending."""
-        return sorted(self._manager.all_steps())
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        self._manager.close()
-
-    def __enter__(self) -> AdapterCheckpointManager:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -227,7 +227,7 @@ def _saved(tmp_path):
     variables, (ids, img), config = tiny_variables(), tiny_inputs(), _config("bias_all-modules_to_save")
     lora = jlora.lora_transform(jax_tiny, config)
     _, adapters = lora.init(variables, ids, img, key=jax.random.key(2))
-    save_peft(tmp_path, perturb(adapters), config, base_model_name_or_path="tiny")
+    save_peft(tmp_path, perturb(adapters), config, base_model_name_or_path="tiny", overwrite=True)
     return variables
 
 
@@ -417,3 +417,4 @@ def test_llama_q_v(tmp_path):
                        {"input_ids": torch.from_numpy(ids)}, config, peft_config, fan_in_fan_out=False,
                        task_type="CAUSAL_LM")
     print(f"llama: jlora -> PEFT {diffs[0]:.2e}, PEFT -> jlora {diffs[1]:.2e}")
+

@@ -1,5 +1,5 @@
 """Hugging Face PEFT adapter directories <-> jlora adapters: `save_peft` writes what `PeftModel.from_pretrained`
-loads, `load_peft` reads what PEFT's `save_pretrained` writes.
+loads, `load_peft` (jlora.interop.peft_load) reads what PEFT's `save_pretrained` writes.
 
     save_peft(out_dir, adapters, config, base_model_name_or_path="gpt2", fan_in_fan_out=True)
     adapters, config = load_peft(peft_dir, variables)  # variables: the full tree, `frozen`, or `jax.eval_shape`'s
@@ -19,7 +19,7 @@ jlora's models name modules as Hugging Face does: the flax leaf `params/a/b/kern
   leaves trained in full as PEFT's `save_pretrained` names them: a target's bias `<module>.base_layer.bias`, other
   biases `<module>.bias`, modules_to_save leaves `<module>.weight` / `.bias` (torch layout: Linear kernels transposed,
   conv kernels OIHW, GPT-2 Conv1D kernels with fan_in_fan_out as they are). PEFT's duplicate `.modules_to_save.*` /
-  `.original_module.*` keys (bias='all') are not written and are skipped on reading.
+  `.original_module.*` keys (bias='all') are not written, and on reading only checked to belong to a module to save.
 
 A fused projection (GPT-2's c_attn with `fused={"c_attn": (True, False, True)}`: lora_a (in, e*r), lora_b (r, e*d))
 has no PEFT equivalent. It is exported exactly as an ordinary LoRA of rank e*r: lora_A = lora_a^T (e*r, in), lora_B
@@ -37,24 +37,21 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import re
+import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from jlora.atomic import replace_dir
 from jlora.config import LoraConfig, path_matches
+from jlora.interop.peft_files import CONFIG_NAME, WEIGHTS_NAME, is_peft_dir
 from jlora.layout import Layout, fused_b
 from jlora.models.hf import LEAF_TO_HF, default_key
-from jlora.paths import flatten_adapters, nest, path_str, trains_in_full, under
+from jlora.paths import flatten_adapters, path_str, under
 
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 CONV1D_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")  # transformers' GPT-2 Conv1D modules: weight (in, out)
-UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "lora_bias": "a bias on lora_B (lora_bias)", "use_qalora": "QALoRA",
-               "target_parameters": "LoRA on bare parameters", "layer_replication": "layer_replication",
-               "trainable_token_indices": "trainable_token_indices", "alora_invocation_tokens": "aLoRA"}
-_LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
 
 
 def module_name(path: str) -> str:
@@ -80,12 +77,18 @@ def full_to_torch(path: str, x, *, fan_in_fan_out: bool = False, inverse: bool =
 
 
 def save_peft(directory, adapters, config: LoraConfig, *, base_model_name_or_path: str, variables=None,
-              task_type: str | None = None, fan_in_fan_out: bool = False) -> Path:
+              task_type: str | None = None, fan_in_fan_out: bool = False, overwrite: bool = False) -> Path:
     """Writes `adapters` (from `lora.init` / training with `config`) as a PEFT adapter directory; returns its path.
 
     `variables` (optional) checks each pair's shapes against its weight. A ValueError names an adapter with no
     PEFT equivalent (scan-stacked or DenseGeneral layouts, or a full leaf that is neither a bias nor under
     modules_to_save).
+
+    `directory` must not exist, or be empty (e.g. from `tempfile.mkdtemp()`); an existing adapter directory raises
+    FileExistsError unless `overwrite=True`, which replaces it atomically: the new files are written beside it and
+    swapped in only when complete, so an error or a crash during the write leaves the old adapter loadable. A
+    directory holding anything but adapter_config.json and adapter_model.safetensors (a run folder, or PEFT's
+    README.md) is never replaced: a ValueError, and nothing is deleted.
     """
     from safetensors.flax import save_file
 
@@ -143,157 +146,24 @@ def save_peft(directory, adapters, config: LoraConfig, *, base_model_name_or_pat
         "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "inference_mode": True, "use_dora": False,
     }
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    empty = directory.is_dir() and not directory.is_symlink() and not os.listdir(directory)
     meta = {"format": "pt", "jlora": json.dumps({"version": 1, "fused": fused_meta}, sort_keys=True)}
-    save_file({k: jnp.asarray(v) for k, v in tensors.items()}, directory / WEIGHTS_NAME, metadata=meta)
+    what = "PEFT adapter directory"
+    with replace_dir(directory, overwrite=overwrite or empty, is_ours=is_peft_dir, what=what) as new:
+        new.mkdir()
+        (new / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        save_file({k: jnp.asarray(v) for k, v in tensors.items()}, new / WEIGHTS_NAME, metadata=meta)
     return directory
 
 
-def read_peft_config(directory) -> dict:
-    """adapter_config.json, checked to be a LoRA jlora can represent (ValueError naming the feature if not)."""
-    file = Path(directory) / CONFIG_NAME
-    if not file.exists():
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a PEFT adapter directory")
-    cfg = json.loads(file.read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{file}: peft_type is {cfg.get('peft_type')!r}; only 'LORA' adapters can be loaded")
-    used = [what for field, what in UNSUPPORTED.items() if cfg.get(field)]
-    if used:
-        raise ValueError(f"{file} uses {', '.join(used)}, which jlora does not support")
-    return cfg
-
-
-def _peft_pattern(pattern: dict | None, module: str, default):
-    """PEFT's rank/alpha_pattern lookup: the first key that regex-matches a '.'-suffix of the module name."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+def close_names(index: dict, key: str) -> list[str]:
+    """Up to 5 names of `index` close to `key` (a misspelt module, another model's naming)."""
+    return difflib.get_close_matches(key, list(index), n=5, cutoff=0.5)
 
 
 def lookup_leaf(index: dict, key: str, what: str):
     """`index[key]` (a torch name -> (flax path, leaf)); a ValueError lists close names if it is missing."""
     if key not in index:
-        close = difflib.get_close_matches(key, list(index), n=5, cutoff=0.5)
-        raise ValueError(f"{what} {key!r} names a parameter the variables do not have; close candidates: {close}")
+        raise ValueError(f"{what} {key!r} names a parameter the variables do not have; close candidates: "
+                         f"{close_names(index, key)}")
     return index[key]
-
-
-def _check_shape(key: str, t, expected: tuple, path: str, w):
-    if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{key} has shape {tuple(t.shape)}, but {path} of shape {tuple(w.shape)} needs "
-                         f"{tuple(expected)}")
-
-
-def _unfuse(a, b, r: int, mask: tuple[bool, ...]):
-    """lora_b (r, e*d) from a block-structured (e*r, n*d), or None if it has entries off the enabled blocks."""
-    d = b.shape[1] // len(mask)
-    slices = [j for j, on in enumerate(mask) if on]
-    if b.shape[0] != len(slices) * r or b.shape[1] % len(mask):
-        return None
-    small = jnp.concatenate([b[k * r:(k + 1) * r, j * d:(j + 1) * d] for k, j in enumerate(slices)], axis=1)
-    exact = bool(jnp.array_equal(fused_b(small, Layout((a.shape[0], b.shape[1]), 0, 1, r, mask)), b))
-    return small if exact else None
-
-
-def load_peft(directory, variables, *, dtype=None) -> tuple[dict, LoraConfig]:
-    """Reads a PEFT LoRA directory (e.g. trained in PyTorch) into `(adapters, config)` for `variables`.
-
-    Each module in the file is found as the leaf `params/<module with '/'>/kernel` (or `/embedding`) of
-    `variables`; factors are transposed to jlora's layout and cast to `dtype` (default: as stored). The config
-    targets exactly the adapted paths (a regex, `with_targets`), with rank_pattern / alpha_pattern / fused per path.
-    ValueErrors: not a LoRA, unsupported features, a module the variables lack (with close candidates), a shape
-    that does not fit (naming the tensor and both shapes).
-    """
-    from safetensors import safe_open
-
-    directory = Path(directory)
-    cfg = read_peft_config(directory)
-    if not (directory / WEIGHTS_NAME).exists():
-        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} (an adapter_model.bin, from "
-                                f"safe_serialization=False, is not read: re-save it with safetensors)")
-    with safe_open(directory / WEIGHTS_NAME, framework="flax") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-        meta = json.loads((f.metadata() or {}).get("jlora", "{}"))
-    leaves = all_leaves(variables)
-    index = {default_key(p): (p, w) for p, w in leaves}
-    factors, full = {}, {}
-    for key, t in tensors.items():
-        k = key.removeprefix(PREFIX)
-        if m := _LORA_KEY.fullmatch(k):
-            factors.setdefault(m[1], {})[m[2]] = (key, t)
-        elif ".modules_to_save." in k or ".original_module." in k:
-            continue  # PEFT's duplicates of a saved module's leaves (bias='all')
-        elif "lora_" in k:
-            raise ValueError(f"{key}: an adapter tensor jlora does not support (only lora_A / lora_B / "
-                             f"lora_embedding_A / lora_embedding_B)")
-        else:
-            full[k.replace(".base_layer.", ".")] = (key, t)
-    fan = bool(cfg.get("fan_in_fan_out"))
-    cast = (lambda x: x.astype(dtype)) if dtype is not None else (lambda x: x)
-    flat, ranks, alphas, fused = {}, {}, {}, {}
-    for module, parts in sorted(factors.items()):
-        embed = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-        names = ("lora_embedding_A", "lora_embedding_B") if embed else ("lora_A.weight", "lora_B.weight")
-        if set(parts) != set(names):
-            raise ValueError(f"{PREFIX}{module}: expected the tensors {names}, found {sorted(parts)}")
-        (ka, ta), (kb, tb) = parts[names[0]], parts[names[1]]
-        path, w = lookup_leaf(index, f"{module}.weight", f"the adapter {ka}")
-        leaf = path.rsplit("/", 1)[-1]
-        if leaf != ("embedding" if embed else "kernel") or (embed and ta.ndim != 2):
-            raise ValueError(f"{ka}: LoRA on {path} ({'embedding' if embed else 'layer'} -> flax {leaf!r}) has no "
-                             f"jlora equivalent")
-        r = ta.shape[0]
-        if w is not None:  # expected torch shapes: Linear / conv A (r, in, k...), B (out, r, 1...); Embedding
-            _check_shape(ka, ta, (r, w.shape[0]) if embed else (r, w.shape[-2], *w.shape[:-2]), path, w)
-            _check_shape(kb, tb, (w.shape[1], r) if embed else (w.shape[-1], r, *(1,) * (w.ndim - 2)), path, w)
-        if not embed and tb.ndim >= 2 and tb.shape[2:] != (1,) * (tb.ndim - 2):
-            raise ValueError(f"{kb} has shape {tb.shape}; jlora's conv lora_B is a 1x1 convolution (out, r, 1...)")
-        a = ta.T if embed else jnp.transpose(ta, (*range(2, ta.ndim), 1, 0))
-        b = tb.T if embed else tb.reshape(tb.shape[:2]).T
-        alpha = _peft_pattern(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
-        spec = meta.get("fused", {}).get(module)
-        small = _unfuse(a, b, spec["rank"], tuple(spec["enable_lora"])) if spec and not embed else None
-        if small is not None:
-            e = sum(spec["enable_lora"])
-            expected_alpha = spec["alpha"] * (math.sqrt(e) if cfg.get("use_rslora") else e)
-            if not math.isclose(alpha, expected_alpha, rel_tol=1e-6):
-                raise ValueError(f"{PREFIX}{module}: lora_alpha {alpha} disagrees with the jlora metadata "
-                                 f"(alpha {spec['alpha']} on {e} fused slices)")
-            b, r, alpha = small, spec["rank"], spec["alpha"]
-            fused[path] = tuple(spec["enable_lora"])
-        flat[path] = {"lora_a": cast(a), "lora_b": cast(b)}
-        ranks[path], alphas[path] = r, alpha
-    if not flat:
-        raise ValueError(f"{directory / WEIGHTS_NAME} holds no LoRA tensors")
-    saved_patterns = cfg.get("modules_to_save") or []
-    to_save = set()
-    for k, (key, t) in sorted(full.items()):
-        path, w = lookup_leaf(index, k, "the tensor")
-        ancestors = [k.rsplit(".", i)[0] for i in range(k.count("."), 0, -1)]  # a.b.weight -> a, a.b
-        owner = next((m for m in ancestors if any(m.endswith(s) for s in saved_patterns)), None)
-        if owner is None and path.rsplit("/", 1)[-1] != "bias":
-            raise ValueError(f"{key}: a full tensor that is neither a bias nor in modules_to_save {saved_patterns}")
-        if owner is not None:
-            to_save.add("/".join(path.split("/")[: 1 + owner.count(".") + 1]))
-        value = full_to_torch(path, t, fan_in_fan_out=fan, inverse=True)
-        if w is not None and value.shape != tuple(w.shape):
-            raise ValueError(f"{key} has shape {tuple(t.shape)} (in jlora's layout {value.shape}), but {path} has "
-                             f"shape {tuple(w.shape)}")
-        flat[path] = value.astype(dtype or (w.dtype if w is not None else value.dtype))
-    config = LoraConfig(
-        rank=cfg["r"], alpha=cfg["lora_alpha"], targets=tuple(sorted(ranks)), dropout=float(cfg.get("lora_dropout", 0)),
-        bias=cfg.get("bias", "none"), scaling="rslora" if cfg.get("use_rslora") else "alpha_over_r",
-        rank_pattern={p: r for p, r in ranks.items() if r != cfg["r"]},
-        alpha_pattern={p: a for p, a in alphas.items() if a != cfg["lora_alpha"]},
-        modules_to_save=tuple(sorted(to_save)), fused=fused,
-    ).with_targets(ranks)
-    lora_modules = {p.rpartition("/")[0] for p in ranks}
-    expected = {p for p, _ in leaves if trains_in_full(p, config, lora_modules)}
-    loaded = set(flat) - set(ranks)
-    if expected != loaded:
-        raise ValueError(f"the leaves trained in full in {directory} ({sorted(loaded)}) are not those bias="
-                         f"{config.bias!r} and modules_to_save select in the variables ({sorted(expected)})")
-    return nest(flat), config
-

@@ -1,0 +1,106 @@
+"""Keeps orbax and tensorstore from printing tracebacks on stderr about a failure jlora already reports.
+
+    with quiet_orbax():
+        checkpointer.restore(...)  # a failure raises here, with nothing printed; on success orbax's logs pass
+
+Two kinds of output follow a failed orbax save or load. (1) Log records: orbax logs each failing worker thread with
+its traceback (logger "absl"), and asyncio logs "Task exception was never retrieved" (logger "asyncio") when orbax's
+failed tasks are freed. `quiet_orbax` holds both loggers' records while the block runs and passes them on after it
+if the block succeeded. When it raised, it first waits for the orbax worker threads the block started (orbax raises
+while they still run, and a caller that deleted their directory at once would leave one waiting for minutes, and
+the process unable to exit), frees the failed tasks (`gc.collect`), then drops the records: the exception says
+what failed.
+(2) When one of several concurrent tensorstore reads or writes fails, orbax closes its event loop while the others
+are still in flight; when they finish, tensorstore calls `loop.call_soon_threadsafe` on the closed loop and Python
+prints "RuntimeError: Event loop is closed" through `sys.unraisablehook`, up to seconds later. On its first use
+`quiet_orbax` wraps `sys.unraisablehook` (once per process) so that exactly those reports (a RuntimeError 'Event
+loop is closed', for no object, raised in asyncio's `call_soon_threadsafe`) are dropped; every other unraisable
+exception goes to the hook that was installed before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+_LOGGERS = ("absl", "asyncio")
+_lock = threading.Lock()
+
+
+class _Hold(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+def _abandoned_callback(unraisable) -> bool:
+    """True for tensorstore's completion callback hitting an event loop orbax has closed."""
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_frame.f_code.co_name != "call_soon_threadsafe":
+        tb = tb.tb_next
+    return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+            and unraisable.object is None and tb is not None
+            and tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith("asyncio/base_events.py"))
+
+
+class _DropAbandonedCallbacks:
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        if not _abandoned_callback(unraisable):
+            (self.previous or sys.__unraisablehook__)(unraisable)
+
+
+def _drop_abandoned_callbacks() -> None:
+    with _lock:
+        if not isinstance(sys.unraisablehook, _DropAbandonedCallbacks):
+            sys.unraisablehook = _DropAbandonedCallbacks(sys.unraisablehook)
+
+
+def _join(threads, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        while t is not threading.current_thread() and time.monotonic() < deadline:
+            try:
+                t.join(max(0.0, deadline - time.monotonic()))
+                break
+            except RuntimeError:  # listed while starting: "cannot join thread before it is started"
+                time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def quiet_orbax(*, join_timeout: float = 30.0) -> Iterator[None]:
+    """Runs the block with orbax's log records held back: re-emitted after success; after an exception, the orbax
+    worker threads started meanwhile (which outlive the exception) are joined for up to `join_timeout` seconds,
+    so that nothing they write or log comes later, their records are dropped, the late "Event loop is closed"
+    reports are silenced, and the exception is re-raised."""
+    _drop_abandoned_callbacks()  # first, as a read may fail and hit the closed loop before the exception reaches us
+    holds = [(logging.getLogger(name), _Hold()) for name in _LOGGERS]
+    before = set(threading.enumerate())
+    for logger, hold in holds:
+        logger.addFilter(hold)
+    try:
+        yield
+    except BaseException:
+        _join([t for t in set(threading.enumerate()) - before if type(t).__module__.startswith("orbax.")],
+              join_timeout)
+        gc.collect()  # orbax's failed tasks, in reference cycles, log "Task exception was never retrieved" when freed
+        raise
+    else:
+        for logger, hold in holds:
+            logger.removeFilter(hold)
+            for record in hold.records:
+                logger.handle(record)
+    finally:
+        for logger, hold in holds:
+            logger.removeFilter(hold)
