@@ -45,15 +45,19 @@ def llama_dir(directory, **overrides):
     return save_checkpoint(directory, {**LLAMA, **overrides}, module.init(jax.random.key(1), IDS))
 
 
+def assert_error_names(directory, *parts):
+    """`gpt2.from_pretrained(directory)` raises a ValueError whose message holds every one of `parts`."""
+    with pytest.raises(ValueError) as info:
+        gpt2.from_pretrained(directory)
+    for part in parts:
+        assert part in str(info.value), (part, str(info.value))
+
+
 def test_gpt2_weights_with_more_layers_than_the_config_is_an_error_or_with_strict_false_a_warning(tmp_path):
     tensors = gpt2_tensors()
     directory = write(tmp_path / "gpt2", {**GPT2, "n_layer": 2}, tensors)
-    with pytest.raises(ValueError) as info:
-        gpt2.from_pretrained(directory)
-    message = str(info.value)
-    for part in (str(directory), f"{GPT2_BLOCK_TENSORS} tensors", "transformer.h.2.", "layers 0-2", "n_layer=2",
-                 "strict=False"):
-        assert part in message, (part, message)
+    assert_error_names(directory, str(directory), f"{GPT2_BLOCK_TENSORS} tensors", "transformer.h.2.", "layers 0-2",
+                       "n_layer=2", "strict=False")
     with pytest.warns(hf.UnusedTensorsWarning, match=rf"{GPT2_BLOCK_TENSORS} tensors.*transformer\.h\.2\."):
         model, variables = gpt2.from_pretrained(directory, strict=False)
     assert model.config.n_layer == 2
@@ -75,12 +79,8 @@ def test_llama_weights_with_more_layers_than_the_config_through_the_dispatcher(t
 
 def test_missing_tensors_name_the_counts_and_the_layer_mismatch(tmp_path):
     directory = write(tmp_path / "gpt2", {**GPT2, "n_layer": 5}, gpt2_tensors())
-    with pytest.raises(ValueError) as info:
-        gpt2.from_pretrained(directory)
-    message = str(info.value)
-    for part in (str(directory), f"{2 * GPT2_BLOCK_TENSORS} tensors", "missing", "transformer.h.3.", "layers 0-2",
-                 "n_layer=5"):
-        assert part in message, (part, message)
+    assert_error_names(directory, str(directory), f"{2 * GPT2_BLOCK_TENSORS} tensors", "missing", "transformer.h.3.",
+                       "layers 0-2", "n_layer=5")
     with pytest.raises(ValueError, match="missing"):
         gpt2.from_pretrained(directory, strict=False)  # strict=False never excuses missing weights
 
