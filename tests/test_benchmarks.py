@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from benchmarks import checkpoint, common, flops, inference, report, train_step
+from benchmarks import checkpoint, common, digest, flops, inference, report, train_step
 
 MACHINE_KEYS = {"cpu_model", "cpu_cores", "ram_bytes", "cpu_flags", "backend", "loadavg"}
 VERSION_KEYS = {"python", "jax", "jaxlib", "flax", "optax", "torch", "peft"}
@@ -114,6 +114,17 @@ def test_checkpoint_quick(out):
     assert rows[-1]["restored_equal_saved"]
 
 
+def test_digest_quick(out):
+    assert digest.main(["--quick", "--out-dir", str(out)]) == 0
+    result, markdown = _read(out, "digest_quick")
+    rows = {r["set"]: r for r in result["rows"]}
+    assert rows["q_proj, v_proj"]["weights"] == 4 and rows["all dense kernels"]["weights"] == 8
+    for r in rows.values():
+        assert r["digest"]["median_s"] > 0 and r["full_sha256"]["median_s"] > 0
+        assert r["bytes"] == r["weights"] * 64 * 96 * 4
+    assert "| weights digested |" in markdown
+
+
 def test_report_quick(out, train_step_result, inference_result):
     assert report.main(["--quick", "--out-dir", str(out)]) == 0
     result, markdown = _read(out, "targets_quick")
@@ -125,7 +136,7 @@ def test_report_quick(out, train_step_result, inference_result):
 
 def test_gpu_variants_are_sane():
     """The GPU settings (bfloat16, bigger batches) build valid configs; no GPU is needed to check that."""
-    for module in (train_step, inference, checkpoint, flops, report):
+    for module in (train_step, inference, checkpoint, digest, flops, report):
         assert module.Config().for_gpu() is not None
     gpu = train_step.Config().for_gpu()
     assert gpu.dtype == "bfloat16" and gpu.batches == (32, 8) and len(gpu.repeats) == len(gpu.batches)
