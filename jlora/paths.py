@@ -111,10 +111,16 @@ def trains_in_full(path: str, config: LoraConfig, lora_modules: set[str]) -> boo
 
 
 def trained_in_full(variables, config: LoraConfig, targets: list[str]) -> list[str]:
-    """Paths of leaves that train in full: biases per `config.bias`, and every leaf under `modules_to_save`."""
+    """Paths of leaves that train in full: biases per `config.bias`, and every leaf under `modules_to_save`.
+
+    In linen variables (a top-level "params" collection) only parameters train: a saved module's `batch_stats`
+    stay in the frozen tree, where `model.apply(..., mutable=["batch_stats"])` updates them, instead of reaching the
+    optimizer (which would decay them)."""
     leaves = named_leaves(variables, with_none=True)
     modules = {t.rpartition("/")[0] for t in targets}
-    out = [path for path, _ in leaves if trains_in_full(path, config, modules)]
+    linen = isinstance(variables, Mapping) and "params" in variables
+    out = [path for path, _ in leaves
+           if trains_in_full(path, config, modules) and not (linen and not path.startswith("params/"))]
     unmatched = [m for m in config.modules_to_save if not any(path_matches(p, m) or under(p, m) for p, _ in leaves)]
     if unmatched:
         mods = sorted({p.rsplit("/", 1)[0] for p, _ in leaves if "/" in p})

@@ -128,3 +128,27 @@ def test_layout_errors():
     with pytest.raises(ValueError, match="no room for a low-rank pair"):
         jlora.lora_transform(scanned, jlora.LoraConfig(targets=("w",))).init({"w": jnp.ones((3, 4))}, X,
                                                                              key=jax.random.key(0))
+
+
+def test_linen_batch_stats_of_a_saved_module_stay_frozen():
+    """modules_to_save=("bn",) trains BatchNorm's scale and bias; its running statistics are not parameters: they
+    stay in the frozen tree (updated by mutable=["batch_stats"]) rather than reaching the optimizer."""
+
+    class WithNorm(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = True):
+            return nn.BatchNorm(use_running_average=not train, name="bn")(nn.Dense(19, name="query")(x))
+
+    x = jax.random.normal(jax.random.key(0), (5, 11))
+    variables = WithNorm().init(jax.random.key(1), x, train=False)
+    cfg = jlora.LoraConfig(rank=7, alpha=14, targets=("query",), modules_to_save=("bn",))
+    lora = jlora.lora_transform(WithNorm().apply, cfg)
+    frozen, adapters = lora.init(variables, x, train=False, key=jax.random.key(2))
+    assert "batch_stats" not in adapters and set(adapters["params"]["bn"]) == {"scale", "bias"}
+    assert frozen["batch_stats"]["bn"]["mean"].shape == (19,) and frozen["params"]["bn"]["scale"] is None
+    adapters = perturb(adapters)  # lora_b non-zero
+    y, updates = lora.apply(frozen, adapters, x, mutable=["batch_stats"])
+    want, want_updates = WithNorm().apply(jlora.merge(frozen, adapters, cfg), x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, want, atol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["bn"]["mean"], want_updates["batch_stats"]["bn"]["mean"],
+                               atol=1e-6)
