@@ -5,6 +5,7 @@
     y = lora.apply(frozen, adapters, x)
 """
 
+from jlora.analysis import LayoutWarning
 from jlora.checkpoint import CorruptCheckpointError, fingerprint, load_adapters, save_adapters
 from jlora.config import LoraConfig
 from jlora.interpreter import FactoredFallbackWarning
@@ -21,6 +22,7 @@ __all__ = [
     "AdapterCheckpointManager",
     "CorruptCheckpointError",
     "FactoredFallbackWarning",
+    "LayoutWarning",
     "LoraConfig",
     "LoraTransform",
     "RankWarning",

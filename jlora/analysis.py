@@ -4,12 +4,14 @@ which decides the adapter layout (which axes `lora_a` covers, which leading axes
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
 
 from jlora.interpreter import Context, eval_jaxpr, plain
+from jlora.layout import fitting_a_axes
 from jlora.tracked import Leaf, Tracked
 
 
@@ -49,13 +51,20 @@ def run(fn, variables, args, kwargs, substitute, ctx: Context):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How one weight is adapted: W = P + A + B with len(P) = n_prefix, len(A) = n_a; the side x contracts
-    with ('a' or 'b'), and the init family ('dense' or 'embed')."""
+    """How one weight is adapted: `n_prefix` leading axes P stacked (scan, or einsum batch dims), `a_axes` the
+    axes of W that lora_a covers (ascending; the rest after P are lora_b's), the side x contracts with ('a' or 'b'),
+    and the init family ('dense' or 'embed')."""
 
     n_prefix: int
-    n_a: int
+    a_axes: tuple[int, ...]
     input_side: str
     kind: str
+
+
+class LayoutWarning(UserWarning):
+    """A targeted weight's uses contract different axes, or its axis sizes coincide so that the adapter shapes
+    could not say which axes lora_a covers: the adapter then covers more axes than a use contracts (an update of
+    rank above r as a map from that use's contracted axes)."""
 
 
 def analyse(fn, variables, args, kwargs, targets: dict[int, str]) -> dict[int, list]:
@@ -77,8 +86,18 @@ def analyse(fn, variables, args, kwargs, targets: dict[int, str]) -> dict[int, l
     return ctx.records
 
 
-def decide(path: str, ndim: int, records: list) -> Plan:
-    """The layout for one weight from its consumer records (see the module docstring)."""
+def _contracted(use) -> list[int]:
+    """The atoms of W a dot, conv or gather record contracts (a gather: the axes it indexes)."""
+    kind, info = use
+    return sorted(t for ax in (info if kind == "gather" else info[0]) for t in ax)
+
+
+def decide(path: str, shape: tuple[int, ...], records: list) -> Plan:
+    """The layout for one weight from its consumer records: lora_a covers the axes the (first) use contracts, and
+    the rest after the stacked prefix go to lora_b, so the update has rank <= r as a map from the contracted axes
+    to the rest, wherever those axes sit (Gemma's `BTD,NDH->BTNH`: lora_a (D, r), lora_b (r, N, H)). Axes
+    contracted at the end keep the input side on lora_b (a kernel (out, in) used as x @ W.T: lora_a (out, r))."""
+    ndim = len(shape)
     sliced = list(dict.fromkeys(info for kind, info in records if kind == "slice"))
     n_prefix = len(sliced) if sorted(sliced) == list(range(len(sliced))) else 0
     uses = [r for r in records if r[0] in ("dot", "gather", "conv")]
@@ -87,24 +106,39 @@ def decide(path: str, ndim: int, records: list) -> Plan:
     gathers = [r for r in uses if r[0] == "gather"]
     use = gathers[0] if gathers else uses[0] if uses else None
     kind = "embed" if gathers else "dense"
-    contracted: list[int] = []
     if use is not None and use[0] == "dot":
-        contracted = [t for ax in use[1][0] for t in ax]
         batch = sorted(t for ax in use[1][1] for t in ax)
         if batch == list(range(n_prefix, n_prefix + len(batch))):
             n_prefix += len(batch)
-    elif use is not None:
-        contracted = [t for ax in (use[1] if use[0] == "gather" else use[1][0]) for t in ax]
     rest = list(range(n_prefix, ndim))
-    c = sorted(contracted)
     if len(rest) < 2:
         raise ValueError(f"the target {path!r} has {ndim} axes with {n_prefix} stacked by scan: no room for a "
                          f"low-rank pair (needs two axes beyond the stacked ones)")
-    if c and len(c) < len(rest) and c == rest[: len(c)]:
-        return Plan(n_prefix, len(c), "a", kind)
-    if c and len(c) < len(rest) and c == rest[-len(c):]:
-        return Plan(n_prefix, len(rest) - len(c), "b", kind)
-    return Plan(n_prefix, len(rest) - 1, "a", kind)
+    c = [t for t in _contracted(use) if t >= n_prefix] if use is not None else []
+    default = Plan(n_prefix, tuple(rest[:-1]), "a", kind)
+    if not c or len(c) == len(rest):
+        return default
+    if c == rest[-len(c):]:
+        plan = Plan(n_prefix, tuple(rest[: len(rest) - len(c)]), "b", kind)
+    else:
+        plan = Plan(n_prefix, tuple(c), "a", kind)
+    b_axes = tuple(t for t in rest if t not in plan.a_axes)
+    others = {tuple(t for t in _contracted(u) if t >= n_prefix) for u in uses} - {plan.a_axes, b_axes}
+    if others:
+        warnings.warn(f"jlora: the uses of {path!r} {shape} contract different axes ({sorted(others)} besides "
+                      f"{c}); lora_a covers axes {list(plan.a_axes)}, so for the other uses the update is not of "
+                      f"rank <= r from their contracted axes", LayoutWarning, stacklevel=4)
+    if plan.a_axes != tuple(rest[: len(plan.a_axes)]):
+        sizes = [tuple(shape[i] for i in axes) for axes in (plan.a_axes, b_axes)]
+        fits = fitting_a_axes(shape, shape[:n_prefix] + sizes[0] + (1,), shape[:n_prefix] + (1,) + sizes[1],
+                              n_prefix)
+        if fits != [plan.a_axes]:
+            warnings.warn(f"jlora: {path!r} {shape} is contracted on axes {list(plan.a_axes)}, but other axes have "
+                          f"the same sizes, so the adapter shapes could not say which axes lora_a covers; it covers "
+                          f"the leading axes {list(default.a_axes)} instead (an update of rank up to r times the "
+                          f"other axes' size)", LayoutWarning, stacklevel=4)
+            return default
+    return plan
 
 
 def consumers_summary(records: dict[int, list], names: dict[int, str]) -> dict[str, list[str]]:

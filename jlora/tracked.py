@@ -60,7 +60,7 @@ class Tracked:
     # --- groups and factor views -------------------------------------------------------------------------
     def group(self, atom: int) -> str:
         lay = self.leaf.layout
-        return "P" if atom < lay.n_prefix else "A" if atom < lay.n_prefix + lay.n_a else "B"
+        return "P" if atom < lay.n_prefix else "A" if atom in lay.a_idx else "B"
 
     def axis_group(self, i: int) -> str | None:
         """'P', 'A' or 'B' for an axis whose atoms share one group; '' for an atom-less size-1 axis; None if mixed."""
@@ -71,8 +71,8 @@ class Tracked:
         lay = self.leaf.layout
         prefix = [k for k in range(lay.n_prefix) if k not in self.removed]
         if factor == "a":
-            return prefix + list(range(lay.n_prefix, lay.n_prefix + lay.n_a)) + [R]
-        return prefix + [R] + list(range(lay.n_prefix + lay.n_a, len(self.leaf.shape)))
+            return prefix + list(lay.a_idx) + [R]
+        return prefix + [R] + list(lay.b_idx)
 
     def view(self, factor: str) -> tuple[jax.Array, list[int]]:
         """The factor with its axes in this value's order: returns (array, axis indices i it covers); the array's

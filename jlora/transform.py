@@ -90,12 +90,13 @@ class LoraTransform:
         pairs = {}
         for path, k in zip(targets, keys):
             w = named[index[path]][1]
-            plan = analysis.decide(path, w.ndim, records.get(index[path], []))
+            plan = analysis.decide(path, tuple(w.shape), records.get(index[path], []))
             fused = config.fused_for(path)
             if fused and plan.input_side != "a":
                 raise ValueError(f"{path}: a fused projection must be consumed as x @ W with W (in, n * d); "
                                  f"this one is contracted on its output axes")
-            lay = layout.Layout(tuple(w.shape), plan.n_prefix, plan.n_a, config.rank_for(path), fused)
+            lay = layout.Layout(tuple(w.shape), plan.n_prefix, len(plan.a_axes), config.rank_for(path), fused,
+                                plan.a_axes)
             lay.check(path)
             warn_rank(path, lay)
             a, b = layout.init_factors(k, lay, kind=plan.kind, input_side=plan.input_side, init=config.init,

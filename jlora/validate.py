@@ -145,8 +145,8 @@ def check_adapters(variables, adapters, config: LoraConfig) -> None:
 def warn_rank(path: str, layout: Layout) -> None:
     """Warns (`RankWarning`) where the rank exceeds min(in, out) of the weight: in = the product of the axes
     lora_a covers (A), out = the product of the output axes (B, all slices of a fused one)."""
-    n_p, n_a = layout.n_prefix, layout.n_a
-    fan_in, fan_out = math.prod(layout.shape[n_p:n_p + n_a]), math.prod(layout.shape[n_p + n_a:])
+    fan_in = math.prod(layout.shape[i] for i in layout.a_idx)
+    fan_out = math.prod(layout.shape[i] for i in layout.b_idx)
     if layout.rank > min(fan_in, fan_out):
         warnings.warn(f"jlora: rank {layout.rank} at {path} exceeds min(in, out) = min({fan_in}, {fan_out}) of its "
                       f"weight {layout.shape}: the pair has more parameters than a full update of W and no more "
