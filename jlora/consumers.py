@@ -133,32 +133,62 @@ def _dot_general(ctx, eqn, invals):
     return [base + low.astype(base.dtype)]
 
 
+def _whole_axes(t: Tracked, dn, sizes) -> list[int]:
+    """The axes a gather keeps whole: offset dims (neither collapsed nor batching) sliced at their full size."""
+    dropped = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+    return [i for i in range(len(t.axes)) if i not in dropped and sizes[i] == t.w.shape[i]]
+
+
+def _factor_operand(f, sel: list[int], first_kept: int, ndim: int):
+    """A factor view (the value's axes `sel`, then r) as a gather operand of the value's rank: its own axes in
+    place, the rank axis at axis `first_kept`, size-1 axes at the value's other axes (the rest of the kept group,
+    atom-less axes)."""
+    missing = [i for i in range(ndim) if i not in sel and i != first_kept]
+    f = jnp.expand_dims(f, tuple(range(f.ndim, f.ndim + len(missing))))
+    src = [*sel, first_kept, *missing]  # the value axis each axis of f goes to
+    return jnp.transpose(f, [src.index(i) for i in range(ndim)])
+
+
 def _gather(ctx, eqn, invals):
+    """A gather that keeps every axis of one factor's group whole (a row or column lookup in any form: `table[ids]`,
+    `vmap(lambda i: table[i])`, `table.T[:, ids]`, operand batching dims, a reshaped table) runs as the same gather
+    on the other factor, with the kept axes replaced by the rank axis (size r, the rest size 1), contracted with the
+    kept factor afterwards. Start-index clamping and FILL_OR_DROP masks stay those of W's gather, since only whole
+    slices (start 0) change size. Anything else (a sub-slice, both groups indexed) returns None: the fallback."""
     t, idx = invals
-    if not isinstance(t, Tracked):
+    if not isinstance(t, Tracked) or isinstance(idx, Tracked):
         return None
     p = eqn.params
-    dn = p["dimension_numbers"]
-    base = bind(eqn, [t.w, idx])[0]
+    dn, sizes = p["dimension_numbers"], p["slice_sizes"]
+    whole = _whole_axes(t, dn, sizes)
     if t.analysis:
-        ctx.record(t, "gather", [t.axes[i] for i in dn.collapsed_slice_dims])
-        return [base]
-    if (len(t.axes) != 2 or dn.operand_batching_dims or len(dn.collapsed_slice_dims) != 1
-            or tuple(dn.start_index_map) != tuple(dn.collapsed_slice_dims) or len(dn.offset_dims) != 1):
+        if any(t.axes[i] for i in whole):
+            ctx.record(t, "gather", [t.axes[i] for i in range(len(t.axes)) if i not in whole])  # the indexed axes
+        else:  # no axis of W kept whole: no layout makes this gather factored
+            ctx.record(t, "fallback", "gather")
+        return bind(eqn, [t.w, idx])
+    groups = [t.axis_group(i) for i in range(len(t.axes))]
+    if not set(groups) <= {"A", "B", ""} or not {"A", "B"} <= set(groups):
         return None
-    k = dn.collapsed_slice_dims[0]
-    groups = (t.axis_group(0), t.axis_group(1))
-    if sorted(groups) != ["A", "B"] or p["slice_sizes"][1 - k] != t.w.shape[1 - k]:
+    kept = next((g for g in ("B", "A") if all(i in whole for i, h in enumerate(groups) if h == g)), None)
+    if kept is None:
         return None
-    looked, other = ("a", "b") if groups[k] == "A" else ("b", "a")
-    f1, _ = t.view(looked)  # shape=(V_k, r)
-    f2, _ = t.view(other)  # shape=(V_other, r)
-    sizes = list(p["slice_sizes"])
-    sizes[1 - k] = f1.shape[-1]
-    params = {**p, "slice_sizes": tuple(sizes)}
-    g = lax.gather_p.bind(f1 if k == 0 else f1.T, idx, **params)
-    off = dn.offset_dims[0]
-    low = jnp.moveaxis(_rows_matmul(jnp.moveaxis(g, off, -1), f2.T), -1, off) * jnp.asarray(t.leaf.scale, g.dtype)
+    f1, sel1 = t.view("a" if kept == "B" else "b")  # the looked-up factor: its axes in the value's order, then r
+    f2, sel2 = t.view("b" if kept == "B" else "a")  # the kept factor, shape=(kept axes..., r)
+    f1 = _factor_operand(f1, sel1, sel2[0], len(t.axes))
+    params = {**p, "slice_sizes": tuple(s if i in sel1 else f1.shape[i] for i, s in enumerate(sizes))}
+    if p["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
+        params["fill_value"] = 0  # W's gather fills a dropped slice already; its update is zero
+    g = lax.gather_p.bind(f1, idx, **params)  # W's gather output with the kept axes as (r, 1, ...)
+    dropped = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+    offset_of = dict(zip([i for i in range(len(t.axes)) if i not in dropped], dn.offset_dims))
+    pos = [offset_of[i] for i in sel2]  # where the kept axes sit in the output
+    g = jnp.squeeze(g, tuple(pos[1:]))
+    out_labels = list(range(g.ndim + len(pos) - 1))
+    r_label = len(out_labels)
+    g_labels = [r_label if k == pos[0] else k for k in out_labels if k not in pos[1:]]
+    low = jnp.einsum(g, g_labels, f2, [*pos, r_label], out_labels) * jnp.asarray(t.leaf.scale, g.dtype)
+    base = bind(eqn, [t.w, idx])[0]
     return [base + low.astype(base.dtype)]
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -55,6 +58,17 @@ def bind(eqn, invals):
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def _user_stacklevel() -> int:
+    """The `stacklevel` for a warning issued by the caller that names the first frame outside jlora, jax and flax:
+    the user's line that called `lora.apply` (or the function jitted around it)."""
+    specs = [importlib.util.find_spec(name) for name in ("jlora", "jax", "jaxlib", "flax")]
+    internal = tuple(os.path.join(d, "") for s in specs if s for d in (s.submodule_search_locations or ()))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 1
+
+
 def plain(ctx: Context, value, prim: str):
     """A plain array for `value`, materialising a Tracked one (the fallback path)."""
     if not isinstance(value, Tracked):
@@ -69,7 +83,7 @@ def plain(ctx: Context, value, prim: str):
                          "slower). To allow it, build the transform with strict=False (a FactoredFallbackWarning "
                          "then names each fallback), or keep this weight out of targets")
     warnings.warn(msg + "; materialising W + scale * a @ b instead (correct, slower). Pass strict=True to make "
-                  "this an error.", FactoredFallbackWarning, stacklevel=2)
+                  "this an error.", FactoredFallbackWarning, stacklevel=_user_stacklevel())
     return value.materialize()
 
 
