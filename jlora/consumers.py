@@ -1,4 +1,5 @@
-"""Factored rules for the primitives that consume a weight: `dot_general`, `conv_general_dilated`, `gather`.
+"""Factored rules for the primitives that consume a weight: `dot_general`, `conv_general_dilated`, `gather`,
+`dynamic_slice`.
 
 Each computes `consumer(x, W) + scale * consumer'(x, a, b)` where the second term contracts x with one factor
 first and then with the other, so neither W + delta nor its gradient is ever formed. A rule returns None where
@@ -133,12 +134,6 @@ def _dot_general(ctx, eqn, invals):
     return [base + low.astype(base.dtype)]
 
 
-def _whole_axes(t: Tracked, dn, sizes) -> list[int]:
-    """The axes a gather keeps whole: offset dims (neither collapsed nor batching) sliced at their full size."""
-    dropped = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
-    return [i for i in range(len(t.axes)) if i not in dropped and sizes[i] == t.w.shape[i]]
-
-
 def _factor_operand(f, sel: list[int], first_kept: int, ndim: int):
     """A factor view (the value's axes `sel`, then r) as a gather operand of the value's rank: its own axes in
     place, the rank axis at axis `first_kept`, size-1 axes at the value's other axes (the rest of the kept group,
@@ -149,24 +144,18 @@ def _factor_operand(f, sel: list[int], first_kept: int, ndim: int):
     return jnp.transpose(f, [src.index(i) for i in range(ndim)])
 
 
-def _gather(ctx, eqn, invals):
-    """A gather that keeps every axis of one factor's group whole (a row or column lookup in any form: `table[ids]`,
-    `vmap(lambda i: table[i])`, `table.T[:, ids]`, operand batching dims, a reshaped table) runs as the same gather
-    on the other factor, with the kept axes replaced by the rank axis (size r, the rest size 1), contracted with the
-    kept factor afterwards. Start-index clamping and FILL_OR_DROP masks stay those of W's gather, since only whole
-    slices (start 0) change size. Anything else (a sub-slice, both groups indexed) returns None: the fallback."""
-    t, idx = invals
-    if not isinstance(t, Tracked) or isinstance(idx, Tracked):
-        return None
-    p = eqn.params
-    dn, sizes = p["dimension_numbers"], p["slice_sizes"]
-    whole = _whole_axes(t, dn, sizes)
+def _lookup(ctx, eqn, t: Tracked, whole: list[int], look):
+    """A lookup that keeps every axis of one factor's group whole (a row or column of the table) run factored:
+    `look(f, sizes)` applies the same gather or slice to `f`, the other factor as an operand of W's rank (its axes
+    in place, the kept axes replaced by the rank axis of size r and size-1 axes), with the slice sizes `sizes`;
+    its output, W's output with the kept axes as (r, 1, ...), is contracted with the kept factor afterwards.
+    Returns (low-rank term, where the kept axes sit in the output), or None (the fallback)."""
     if t.analysis:
         if any(t.axes[i] for i in whole):
             ctx.record(t, "gather", [t.axes[i] for i in range(len(t.axes)) if i not in whole])  # the indexed axes
-        else:  # no axis of W kept whole: no layout makes this gather factored
-            ctx.record(t, "fallback", "gather")
-        return bind(eqn, [t.w, idx])
+        else:  # no axis of W kept whole: no layout makes this lookup factored
+            ctx.record(t, "fallback", eqn.primitive.name)
+        return None
     groups = [t.axis_group(i) for i in range(len(t.axes))]
     if not set(groups) <= {"A", "B", ""} or not {"A", "B"} <= set(groups):
         return None
@@ -176,19 +165,75 @@ def _gather(ctx, eqn, invals):
     f1, sel1 = t.view("a" if kept == "B" else "b")  # the looked-up factor: its axes in the value's order, then r
     f2, sel2 = t.view("b" if kept == "B" else "a")  # the kept factor, shape=(kept axes..., r)
     f1 = _factor_operand(f1, sel1, sel2[0], len(t.axes))
-    params = {**p, "slice_sizes": tuple(s if i in sel1 else f1.shape[i] for i, s in enumerate(sizes))}
-    if p["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
-        params["fill_value"] = 0  # W's gather fills a dropped slice already; its update is zero
-    g = lax.gather_p.bind(f1, idx, **params)  # W's gather output with the kept axes as (r, 1, ...)
-    dropped = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
-    offset_of = dict(zip([i for i in range(len(t.axes)) if i not in dropped], dn.offset_dims))
-    pos = [offset_of[i] for i in sel2]  # where the kept axes sit in the output
+    sizes = eqn.params["slice_sizes"]
+    g = look(f1, tuple(s if i in sel1 else f1.shape[i] for i, s in enumerate(sizes)))
+    return g, f2, sel2
+
+
+def _contract_kept(g, f2, pos: list[int], scale: float):
+    """`g` (a lookup's output with the kept axes at `pos` as (r, 1, ...)) contracted with the kept factor f2
+    (shape=(kept axes..., r)) into the kept axes: the low-rank term, times `scale`."""
     g = jnp.squeeze(g, tuple(pos[1:]))
     out_labels = list(range(g.ndim + len(pos) - 1))
     r_label = len(out_labels)
     g_labels = [r_label if k == pos[0] else k for k in out_labels if k not in pos[1:]]
-    low = jnp.einsum(g, g_labels, f2, [*pos, r_label], out_labels) * jnp.asarray(t.leaf.scale, g.dtype)
+    return jnp.einsum(g, g_labels, f2, [*pos, r_label], out_labels) * jnp.asarray(scale, g.dtype)
+
+
+def _gather(ctx, eqn, invals):
+    """A gather that keeps every axis of one factor's group whole (a row or column lookup in any form: `table[ids]`,
+    `vmap(lambda i: table[i])`, `table.T[:, ids]`, operand batching dims, a reshaped table) runs as the same gather
+    on the other factor (see `_lookup`). Start-index clamping and FILL_OR_DROP masks stay those of W's gather,
+    since only whole slices (start 0) change size. Anything else (a sub-slice, both groups indexed) returns None:
+    the fallback."""
+    t, idx = invals
+    if not isinstance(t, Tracked) or isinstance(idx, Tracked):
+        return None
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    dropped = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+    whole = [i for i in range(len(t.axes)) if i not in dropped and p["slice_sizes"][i] == t.w.shape[i]]
+
+    def look(f, sizes):
+        params = {**p, "slice_sizes": sizes}
+        if p["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
+            params["fill_value"] = 0  # W's gather fills a dropped slice already; its update is zero
+        return lax.gather_p.bind(f, idx, **params)
+
+    found = _lookup(ctx, eqn, t, whole, look)
+    if found is None:
+        return bind(eqn, [t.w, idx]) if t.analysis else None
     base = bind(eqn, [t.w, idx])[0]
+    g, f2, sel2 = found
+    offset_of = dict(zip([i for i in range(len(t.axes)) if i not in dropped], dn.offset_dims))
+    low = _contract_kept(g, f2, [offset_of[i] for i in sel2], t.leaf.scale)
+    return [base + low.astype(base.dtype)]
+
+
+def _dynamic_slice(ctx, eqn, invals):
+    """`table[token]` for one traced index (`dynamic_slice` of whole rows or columns, as equinox's `Embedding` of a
+    scalar token lowers): the same slice of the other factor, then the kept factor (see `_lookup`). The kept axes
+    are sliced whole, so their clamped start is 0 in W and in the factor alike. Only a slice that keeps one of
+    W's original axes whole is a lookup: `w[layer]` of a stacked (L, in, out) weight in a `fori_loop` falls back, since
+    an adapter for it as a table would not be one pair per layer (`scan` slices it per layer)."""
+    t, *starts = invals
+    if not isinstance(t, Tracked) or any(isinstance(s, Tracked) for s in starts):
+        return None
+    sizes = eqn.params["slice_sizes"]
+    whole = [i for i in range(len(t.axes)) if sizes[i] == t.w.shape[i]]
+    if len({a for i in whole for a in t.axes[i]}) != 1:
+        whole = []  # W[i] keeping 2+ axes whole may be a stacked layer: a lookup layout would not be per layer
+
+    def look(f, f_sizes):
+        zero = jnp.zeros((), starts[0].dtype) if starts else 0
+        return lax.dynamic_slice(f, [zero if i in whole else s for i, s in enumerate(starts)], f_sizes)
+
+    found = _lookup(ctx, eqn, t, whole, look)
+    if found is None:
+        return bind(eqn, [t.w, *starts]) if t.analysis else None
+    base = bind(eqn, [t.w, *starts])[0]
+    g, f2, sel2 = found
+    low = _contract_kept(g, f2, list(sel2), t.leaf.scale)
     return [base + low.astype(base.dtype)]
 
 
@@ -221,5 +266,6 @@ def _conv(ctx, eqn, invals):
 CONSUMERS = {
     "dot_general": _dot_general,
     "gather": _gather,
+    "dynamic_slice": _dynamic_slice,
     "conv_general_dilated": _conv,
 }

@@ -31,6 +31,11 @@ def _vmap2(f):
     return jax.vmap(jax.vmap(f))
 
 
+def _per_token(f, ids):
+    """`f(i)` for each token of ids (B, T) in turn, as a decoding loop calls it: a scan over scalar indices."""
+    return lax.scan(lambda c, i: (c, f(i)), 0, ids.reshape(-1))[1]
+
+
 # name: (table shape, lookup(table, ids)); the output is shaped by the lookup, ids is IDS
 CASES = {
     "take_rows": ((V, D), lambda t, ids: jnp.take(t, ids, axis=0)),
@@ -54,6 +59,14 @@ CASES = {
     "fill_mode_out_of_bounds": ((V, D), lambda t, ids: jnp.take(t, jnp.where(ids == 7, 40, ids), axis=0,
                                                                  mode="fill", fill_value=5.0)),
     "clip_mode": ((V, D), lambda t, ids: jnp.take(t, ids + 10, axis=0, mode="clip")),
+    # one traced scalar index per step (a decoding loop): `dynamic_slice` of a whole row or column
+    "scalar_row_in_scan": ((V, D), lambda t, ids: _per_token(lambda i: t[i], ids)),
+    "scalar_row_jit": ((V, D), lambda t, ids: t[ids[1, 2]]),
+    "scalar_col_in_scan": ((D, V), lambda t, ids: _per_token(lambda i: t[:, i], ids)),
+    "scalar_transposed_in_scan": ((V, D), lambda t, ids: _per_token(lambda i: t.T[:, i], ids)),
+    "scalar_row_kept_axis": ((V, D), lambda t, ids: _per_token(lambda i: lax.dynamic_slice_in_dim(t, i, 2), ids)),
+    "scalar_reshaped_row": ((V, D), lambda t, ids: _per_token(lambda i: t.reshape(V, 1, D)[i], ids)),
+    "scalar_negative_index": ((V, D), lambda t, ids: _per_token(lambda i: t[i - V], ids)),
 }
 
 
@@ -95,6 +108,8 @@ FALLBACKS = {
     "partial_width": lambda t, ids: t[ids, :5],
     "both_axes_indexed": lambda t, ids: t[ids, ids % D],
     "vmap_partial_width": lambda t, ids: jax.vmap(lambda i: lax.dynamic_slice(t, (i, 2), (1, 5)))(ids[0]),
+    "scalar_partial_width": lambda t, ids: _per_token(lambda i: t[i, 2:7], ids),
+    "scalar_both_axes": lambda t, ids: _per_token(lambda i: t[i, i % D], ids),
 }
 
 
@@ -105,7 +120,8 @@ def test_partial_lookup_falls_back_with_a_warning_at_the_users_line(name):
     frozen, adapters = lora.init(params, IDS, key=jax.random.key(1))
     adapters = jax.tree.map(lambda x: x + 0.3, adapters)
     want = fn(jlora.merge(frozen, adapters, CFG), IDS)
-    with pytest.warns(jlora.FactoredFallbackWarning, match=r"'table' \(23, 19\) reaches `gather`") as record:
+    prim = "dynamic_slice" if name.startswith("scalar") else "gather"
+    with pytest.warns(jlora.FactoredFallbackWarning, match=rf"'table' \(23, 19\) reaches `{prim}`") as record:
         eager = lora.apply(frozen, adapters, IDS)
     assert [r.filename for r in record] == [__file__] * len(record)
     with pytest.warns(jlora.FactoredFallbackWarning) as record:
@@ -114,5 +130,23 @@ def test_partial_lookup_falls_back_with_a_warning_at_the_users_line(name):
     np.testing.assert_allclose(eager, want, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(jitted, want, atol=1e-5, rtol=1e-5)
     strict = jlora.lora_transform(fn, CFG, strict=True)
-    with pytest.raises(ValueError, match=r"'table' \(23, 19\) reaches `gather`.*strict=True refuses"):
+    with pytest.raises(ValueError, match=rf"'table' \(23, 19\) reaches `{prim}`.*strict=True refuses"):
         strict.apply(frozen, adapters, IDS)
+
+
+def test_scalar_index_into_a_stacked_weight_falls_back_rather_than_becoming_a_table():
+    """`w[layer]` of a stacked (L, in, out) weight in a `fori_loop` is a `dynamic_slice` like `table[token]`, but a
+    lookup layout (lora_a (L, r)) would not be one pair per layer: it falls back, warned, and equals the merged run."""
+    params = {"table": jax.random.normal(jax.random.key(1), (3, 11, D)) * 0.3}
+
+    def fn(params, x):
+        return lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ params["table"][i]) @ params["table"][i].T, x)
+
+    x = jax.random.normal(jax.random.key(2), (2, 11))
+    lora = jlora.lora_transform(fn, CFG)
+    assert lora.consumers(params, x) == {"table": ["dynamic_slice", "dynamic_slice"]}
+    frozen, adapters = lora.init(params, x, key=jax.random.key(1))
+    adapters = jax.tree.map(lambda a: a + 0.3, adapters)
+    with pytest.warns(jlora.FactoredFallbackWarning, match=r"'table' \(3, 11, 19\) reaches `dynamic_slice`"):
+        got = lora.apply(frozen, adapters, x)
+    np.testing.assert_allclose(got, fn(jlora.merge(frozen, adapters, CFG), x), atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""The README's code blocks run as pasted: the quickstart, the NNX section, the real-models walkthrough."""
+"""The README's code blocks run as pasted: the quickstart, the NNX section, the other libraries (haiku, equinox,
+keras), the real-models walkthrough."""
 
 import pathlib
 import re
@@ -22,7 +23,9 @@ def test_quickstart_runs_as_pasted():
 @pytest.mark.assets
 def test_real_models_walkthrough_runs_as_pasted(capsys):
     namespace: dict = {}
-    exec(compile(python_blocks()[2], "README.md", "exec"), namespace)
+    block = python_blocks()[5]
+    assert "assets.fetch" in block, "README blocks moved: update the indices"
+    exec(compile(block, "README.md", "exec"), namespace)
     printed = capsys.readouterr().out
     diff = float(re.search(r"max \|PEFT - jlora\| = (\S+)", printed).group(1))
     assert diff < 1e-4
@@ -41,3 +44,74 @@ def test_nnx_section_runs_as_pasted(capsys):
     np.testing.assert_allclose(model.norm.mean[...], frozen["norm"]["mean"])
     assert float(jnp.max(jnp.abs(adapters["query"]["kernel"]["lora_b"]))) > 0
     assert float(capsys.readouterr().out.rsplit("= ", 1)[1]) < 1e-5  # merged module == eval-mode LoRA output
+
+
+def _run_block(index: int, first_import: str) -> dict:
+    block = python_blocks()[index]
+    assert first_import in block, "README blocks moved: update the indices"
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.thirdparty
+def test_haiku_section_runs_as_pasted():
+    pytest.importorskip("haiku")
+    import jax
+    import numpy as np
+    from helpers import perturb
+
+    import jlora
+
+    ns = _run_block(2, "import haiku")
+    assert ns["adapters"]["multi_head_attention"]["query"]["w"]["lora_a"].shape == (32, 8)
+    adapters = perturb(ns["adapters"])
+    lora, frozen, config, model, rng, x = (ns[k] for k in ("lora", "frozen", "config", "model", "rng", "x"))
+    want = model.apply(jlora.merge(frozen, adapters, config), rng, x)
+    np.testing.assert_allclose(lora.apply(frozen, adapters, rng, x), want, atol=1e-5)
+    assert not np.allclose(want, model.apply(ns["params"], rng, x), atol=1e-3)
+    assert not np.allclose(want, model.apply(ns["params"], jax.random.key(3), x), atol=1e-3)  # the rng is used
+
+
+@pytest.mark.thirdparty
+def test_equinox_section_runs_as_pasted():
+    eqx = pytest.importorskip("equinox")
+    import jax
+    import numpy as np
+    from helpers import perturb
+
+    import jlora
+
+    ns = _run_block(3, "import equinox")
+    assert isinstance(ns["merged_model"], eqx.nn.MLP)
+    adapters = perturb(ns["adapters"])
+    lora, frozen, config, static, x = (ns[k] for k in ("lora", "frozen", "config", "static", "x"))
+    merged = eqx.combine(jlora.merge(frozen, adapters, config), static)
+    want = jax.vmap(merged)(x)
+    np.testing.assert_allclose(lora.apply(frozen, adapters, x), want, atol=1e-5)
+    assert not np.allclose(want, jax.vmap(ns["model"])(x), atol=1e-3)
+
+
+@pytest.mark.thirdparty
+def test_keras_section_runs_as_pasted():
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "jax":
+        pytest.skip("keras runs on another backend than jax")
+    import numpy as np
+    from helpers import perturb
+
+    import jlora
+
+    ns = _run_block(4, "import keras")
+    lora, frozen, config, model, x = (ns[k] for k in ("lora", "frozen", "config", "model", "x"))
+    assert "lora_a" in ns["adapters"]["sequential"]["hidden"]["kernel"]
+    base = np.asarray(model(x))
+    adapters = perturb(ns["adapters"])
+    merged = jlora.merge(frozen, adapters, config)
+    for v in model.trainable_variables:  # as the README writes them back
+        v.assign(merged[v.path])
+    np.testing.assert_allclose(lora.apply(frozen, adapters, x), model(x), atol=1e-5)
+    assert not np.allclose(base, model(x), atol=1e-3)
