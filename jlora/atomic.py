@@ -24,6 +24,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 
 _AT_FDCWD = -100
@@ -136,4 +137,14 @@ def replace_dir(path, *, overwrite: bool, is_ours: Callable[[pathlib.Path], bool
         else:
             rename_new(new, path)
     finally:
+        _remove(stage)
+
+
+def _remove(stage: pathlib.Path, *, attempts: int = 50) -> None:
+    """Deletes the staging directory, retrying while a writer's background thread (orbax finishing a file after
+    an error was raised) still adds entries to it; gives up quietly after `attempts` tries (about 2.5 s)."""
+    for _ in range(attempts):
         shutil.rmtree(stage, ignore_errors=True)
+        if not stage.exists():
+            return
+        time.sleep(0.05)

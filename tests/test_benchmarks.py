@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from benchmarks import checkpoint, common, digest, flops, inference, report, train_step
+from benchmarks import checkpoint, common, digest, flops, gemma_layout, inference, report, train_step
 
 MACHINE_KEYS = {"cpu_model", "cpu_cores", "ram_bytes", "cpu_flags", "backend", "loadavg"}
 VERSION_KEYS = {"python", "jax", "jaxlib", "flax", "optax", "torch", "peft"}
@@ -123,6 +123,20 @@ def test_digest_quick(out):
         assert r["digest"]["median_s"] > 0 and r["full_sha256"]["median_s"] > 0
         assert r["bytes"] == r["weights"] * 64 * 96 * 4
     assert "| weights digested |" in markdown
+
+
+def test_gemma_layout_quick(out):
+    """Every Gemma kernel's update has rank exactly r from its contracted axes, and lora_a spans exactly them."""
+    assert gemma_layout.main(["--quick", "--out-dir", str(out)]) == 0
+    result, markdown = _read(out, "gemma_layout_quick")
+    cfg = gemma_layout.QUICK
+    rows = {row["kernel"]: row for row in result["rows"]}
+    assert set(rows) == set(gemma_layout.KERNELS)
+    assert all(row["rank"] == cfg.rank for row in rows.values()), rows
+    assert rows["q_einsum"]["lora_a"] == [cfg.D, cfg.rank] and rows["q_einsum"]["lora_b"] == [cfg.rank, cfg.N, cfg.H]
+    assert rows["q_einsum"]["params"] == cfg.rank * (cfg.D + cfg.N * cfg.H)
+    assert rows["q_einsum"]["params_before"] == cfg.rank * (cfg.N * cfg.D + cfg.H)
+    assert result["block_params"] < result["block_params_before"] and "`BTD,NDH->BTNH`" in markdown
 
 
 def test_report_quick(out, train_step_result, inference_result):
