@@ -102,7 +102,9 @@ class LoraConfig:
         own rank-r pair each, k none.
       init: 'loralib' (input-side factor U(-1/sqrt(fan_in), 1/sqrt(fan_in)), output side zeros; embeddings:
         looked-up side zeros, other side N(0, 1)) or 'gaussian' (PEFT's: input side N(0, 1/r^2)).
-      dtype: dtype of the adapter factors; None keeps each parameter's own dtype.
+      dtype: dtype of the adapter factors. None (the default) makes them float32 whatever the base dtype (a
+        float64 base keeps float64): a master copy, cast to the weight's dtype where it is used, as PEFT's
+        `autocast_adapter_dtype`; so a bfloat16 base trains float32 adapters with float32 optimizer moments.
     """
 
     rank: int = 8

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jlora import analysis, layout
 from jlora.config import LoraConfig
@@ -100,7 +101,7 @@ class LoraTransform:
             lay.check(path)
             warn_rank(path, lay)
             a, b = layout.init_factors(k, lay, kind=plan.kind, input_side=plan.input_side, init=config.init,
-                                       dtype=config.dtype or w.dtype)
+                                       dtype=config.dtype or jnp.promote_types(w.dtype, jnp.float32))
             pairs[path] = {"lora_a": a, "lora_b": b}
         frozen, trainable = split(variables, config, targets=targets)
         adapters = nest(pairs)
