@@ -27,6 +27,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.reference
 	$(PY) -m ruff check jlora tests benchmarks experiments
 	$(PY) -m pytest -q
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests/multidevice
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check jlora tests benchmarks experiments

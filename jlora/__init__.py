@@ -13,6 +13,7 @@ from jlora.manager import AdapterCheckpointManager
 from jlora.merge import merge, unmerge
 from jlora.optim import loralib_adamw, masked_optimizer
 from jlora.partition import combine, split, trainable_mask
+from jlora.sharding import adapter_shardings
 from jlora.transform import LoraTransform, lora_transform
 from jlora.validate import RankWarning, check_adapters, check_pairs
 
@@ -26,6 +27,7 @@ __all__ = [
     "LoraConfig",
     "LoraTransform",
     "RankWarning",
+    "adapter_shardings",
     "check_adapters",
     "check_pairs",
     "combine",

@@ -15,6 +15,7 @@ from jlora.interpreter import Context
 from jlora.nnx_module import NnxFunction, thread
 from jlora.partition import combine, split
 from jlora.paths import flatten_adapters, named_leaves, nest, select_targets
+from jlora.sharding import place
 from jlora.tracked import Leaf, Tracked
 from jlora.validate import check_adapters, warn_rank
 
@@ -78,7 +79,9 @@ class LoraTransform:
         Traces `fn(variables, *example_args, **example_kwargs)` once to see how each target is consumed.
         `frozen` is `variables` with the leaves that train in full (biases per `config.bias`, `modules_to_save`)
         set to None; `adapters` is a nested dict mirroring the variables' paths, holding
-        `{"lora_a": ..., "lora_b": ...}` at each target and the arrays trained in full.
+        `{"lora_a": ..., "lora_b": ...}` at each target and the arrays trained in full. On sharded variables
+        the adapters come placed with `jlora.adapter_shardings(variables, adapters)`; under jit give those as
+        `out_shardings` (unless the mesh's axes are Explicit, where init reshards them itself).
         """
         variables = as_variables(variables)
         config = self.config
@@ -106,7 +109,7 @@ class LoraTransform:
         frozen, trainable = split(variables, config, targets=targets)
         adapters = nest(pairs)
         _merge_nested(adapters, trainable)
-        return frozen, adapters
+        return frozen, place(variables, adapters, config)  # each pair sharded as its weight (jlora.sharding)
 
     def apply(self, frozen, adapters, *args, dropout_key=None, **kwargs):
         """Runs the function on the base weights plus adapters, each adapted consumer computed factored:

@@ -62,7 +62,8 @@ def test_bfloat16_base_trains_float32_adapters_within_bfloat16_tolerance():
     assert moments and _float_dtypes(moments) == {jnp.dtype(jnp.float32)}
     np.testing.assert_allclose(losses16, losses32, rtol=2e-2)  # bfloat16: 8 bits of mantissa
     assert losses16[-1] < losses16[0]  # it trains
-    b16, b32 = (a["params"]["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]["lora_b"] for a in (adapters16, adapters32))
+    b16, b32 = (a["params"]["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]["lora_b"]
+                for a in (adapters16, adapters32))
     assert float(jnp.abs(b32).max()) > 0
     # Adam's near-sign updates flip for the few elements whose gradient is within bfloat16 noise of zero
     assert float(jnp.linalg.norm(b16 - b32) / jnp.linalg.norm(b32)) < 0.2
