@@ -3,6 +3,7 @@
     module, variables = jlora.models.from_pretrained("minilm")            # a jlora asset name
     module, variables = jlora.models.from_pretrained("path/to/hf_dir")    # config.json + safetensors
     module, variables = jlora.models.from_pretrained("model.gguf")        # Llama-architecture GGUF
+    module, variables = jlora.models.from_pretrained(path, mesh=jax.make_mesh((8,), ("data",)))  # FSDP, by slices
 
 Parameter paths mirror the Hugging Face module names ('.' -> '/'), so PEFT-style targets ("c_attn", "query",
 "q_proj", ...) work unchanged with `jlora.lora_transform`.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from jlora.models import bert, generation, gpt2, hf, llama
+from jlora.models import bert, generation, gpt2, hf, llama, partitioning, shards
 from jlora.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from jlora.models.generation import cached_step, generate
 from jlora.models.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -29,7 +30,15 @@ def from_pretrained(path_or_name: str | os.PathLike, *, dtype=jnp.float32, **kwa
     """`(module, variables)` for a local Hugging Face directory, a `.gguf` file, a jlora asset name or (online) a hub
     id, dispatched on config.json's `model_type`. Extra keywords go to the architecture's own `from_pretrained`
     (e.g. `num_labels=`, `key=` for BERT; `strict=False` for all: tensors the model does not use, such as layers
-    beyond config.json's layer count, then give a `jlora.models.hf.UnusedTensorsWarning` instead of a ValueError)."""
+    beyond config.json's layer count, then give a `jlora.models.hf.UnusedTensorsWarning` instead of a ValueError).
+
+    `mesh=` (a `jax.sharding.Mesh`) loads onto the mesh: each parameter gets the `NamedSharding` that `rules` give it
+    (`jlora.models.partitioning`: "fsdp", "tp", "fsdp_tp", a dict {logical axis: mesh axis} or [(regex,
+    PartitionSpec)]; None: "fsdp" for a mesh axis named "data", "tp" for "model", "fsdp_tp" for both), and each
+    safetensors tensor is read by slices inside `jax.make_array_from_callback`, so each device receives only its
+    shard (cast to `dtype` per slice) and no device holds the whole model (`jlora.models.shards`). A GGUF file is
+    dequantized whole in host memory, then placed shard by shard; weights a checkpoint lacks (BERT's classifier
+    head) are initialised on one device, then placed. Without a mesh, arrays land on the default device."""
     path = hf.resolve(path_or_name)
     if Path(path).suffix == ".gguf":
         return llama.from_pretrained(path, dtype=dtype, **kwargs)
@@ -61,4 +70,6 @@ __all__ = [
     "gpt2",
     "hf",
     "llama",
+    "partitioning",
+    "shards",
 ]

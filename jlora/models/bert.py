@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models import hf
+from jlora.models import hf, shards
 from jlora.paths import named_leaves, nest
 
 _TANH_GELU = partial(jax.nn.gelu, approximate=True)
@@ -251,18 +251,18 @@ def mean_pool(hidden, attention_mask):
 
 
 def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32, num_labels: int | None = None,
-                    key: jax.Array | None = None, strict: bool = True) -> tuple[nn.Module, dict]:
+                    key: jax.Array | None = None, strict: bool = True, mesh=None, rules=None) -> tuple[nn.Module, dict]:
     """(module, variables) from a Hugging Face directory (config.json + safetensors) or hub id: a
     BertForSequenceClassification when `num_labels` is given or the checkpoint holds `classifier.*`, else a BertModel.
     Bare (`embeddings.*`, as all-MiniLM-L6-v2) and prefixed (`bert.*` / `roberta.*`) checkpoints load into either.
-    Weights the checkpoint lacks (the classifier head, the pooler of a BERT classifier) are initialised as Hugging
-    Face does (kernels ~ N(0, initializer_range), biases 0) from `key`, then required. Heads of other tasks (`cls.*`,
+    Weights the checkpoint lacks (the classifier head, the pooler of a BERT classifier) are initialised as Hugging Face
+    does (kernels ~ N(0, initializer_range), biases 0) from `key`, then required. Heads of other tasks (`cls.*`,
     `lm_head.*`, a pooler the module lacks) are skipped with an UnusedTensorsWarning, `position_ids` silently; other
-    unused tensors (e.g. layers beyond `num_hidden_layers`) are a ValueError (naming them, as `hf.convert` does for
-    missing tensors and shapes), or with `strict=False` an UnusedTensorsWarning."""
+    unused tensors (e.g. layers beyond `num_hidden_layers`) are a ValueError naming them, or with `strict=False` an
+    UnusedTensorsWarning. `mesh`, `rules`: see `models.from_pretrained` (fresh weights: made, then placed)."""
     directory = hf.resolve(path_or_dir)
     config = hf.parse_config(BertConfig.from_hf, hf.read_config(directory), source=directory / "config.json")
-    tensors = hf.read_safetensors(directory)
+    tensors = hf.read_safetensors(directory, lazy=mesh is not None)
     prefix = config.model_type + "."
     prefixed = any(k.startswith(prefix) for k in tensors)
     if num_labels is not None or any(k.startswith("classifier.") for k in tensors):
@@ -273,6 +273,7 @@ def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32, num_la
         module = BertModel(config, dtype, add_pooling_layer=pooler)
     classifier = isinstance(module, BertForSequenceClassification)
     template = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    shardings = shards.placement(template, mesh, rules, "bert")
 
     def key_of(path: str) -> str | None:  # None: absent, initialised fresh below
         name = hf.default_key(path)  # params/bert/pooler/dense/kernel -> bert.pooler.dense.weight
@@ -286,14 +287,13 @@ def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32, num_la
     variables = hf.convert(template, tensors, key_of=key_of, transpose=lambda p: p.endswith("/kernel"), dtype=dtype,
                            source=str(directory), strict=strict, buffers=(r"(?:^|\.)(?:position|token_type)_ids$",),
                            heads=(r"^cls\.", r"^lm_head\.", r"^(?:bert\.|roberta\.)?pooler\."),
-                           layers=("num_hidden_layers", config.num_hidden_layers))
+                           layers=("num_hidden_layers", config.num_hidden_layers), shardings=shardings)
     fresh = [(p, x.shape) for p, x in named_leaves(template) if key_of(p) is None]
     if fresh and key is None:
         missing = sorted({hf.default_key(p).rsplit(".", 1)[0] for p, _ in fresh})
         raise ValueError(f"{directory} has no weights for {missing}; pass key=jax.random.key(...) to initialise them")
-    flat = dict(named_leaves(variables))
-    normal = nn.initializers.normal(config.initializer_range)
-    for i, (path, shape) in enumerate(fresh):
-        bias = path.endswith("/bias")
-        flat[path] = jnp.zeros(shape, dtype) if bias else normal(jax.random.fold_in(key, i), shape, dtype)
+    flat, normal = dict(named_leaves(variables)), nn.initializers.normal(config.initializer_range)
+    for i, (path, shape) in enumerate(fresh):  # with a mesh, then placed by its sharding
+        init = nn.initializers.zeros if path.endswith("/bias") else normal
+        flat[path] = shards.create(partial(init, jax.random.fold_in(key, i), shape, dtype), (shardings or {}).get(path))
     return module, nest(flat)

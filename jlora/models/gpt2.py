@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora.models import hf
+from jlora.models import hf, shards
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # HF's NewGELU: the tanh approximation
@@ -246,8 +246,8 @@ class GPT2LMHeadModel(nn.Module):
         return init_cache(self.config, batch, max_len, dtype or self.dtype)
 
 
-def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32,
-                    strict: bool = True) -> tuple[GPT2LMHeadModel, dict]:
+def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32, strict: bool = True, mesh=None,
+                    rules=None) -> tuple[GPT2LMHeadModel, dict]:
     """`(module, variables)` from a Hugging Face GPT-2 directory (config.json + safetensors) or hub id.
 
     Parameters and computation in `dtype`. Tensor names may carry the "transformer." prefix (GPT2LMHeadModel) or
@@ -256,12 +256,15 @@ def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32,
     tensor the model does not use (e.g. layers beyond config.json's `n_layer`) is a ValueError, or with
     `strict=False` an `UnusedTensorsWarning` listing them. Raises FileNotFoundError for a missing directory or file,
     ValueError for a non-GPT-2 or malformed config, a damaged file, missing tensors or tensors that do not match
-    the config (naming the tensor and both shapes)."""
+    the config (naming the tensor and both shapes). With `mesh` (a `jax.sharding.Mesh`), each parameter is laid out
+    by `rules` (`jlora.models.partitioning`; None: from the mesh's axis names) and each device reads only its slice
+    of each tensor (`jlora.models.shards`)."""
     directory = hf.resolve(path_or_dir)
     config = hf.parse_config(GPT2Config.from_hf, hf.read_config(directory), source=directory / "config.json")
     model = GPT2LMHeadModel(config, dtype=dtype)
     template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    tensors = hf.read_safetensors(directory)
+    shardings = shards.placement(template, mesh, rules, "gpt2")
+    tensors = hf.read_safetensors(directory, lazy=shardings is not None)
     prefixed = any(k.startswith("transformer.") for k in tensors)
 
     def key_of(path: str) -> str:
@@ -271,5 +274,6 @@ def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32,
     tied = ("lm_head.weight", key_of("params/transformer/wte/embedding")) if config.tie_word_embeddings else None
     variables = hf.convert(template, tensors, key_of=key_of, transpose=lambda p: p.endswith("lm_head/kernel"),
                            dtype=dtype, source=str(directory), strict=strict, tied=tied,
-                           buffers=(r"(?:^|\.)attn\.(?:masked_)?bias$",), layers=("n_layer", config.n_layer))
+                           buffers=(r"(?:^|\.)attn\.(?:masked_)?bias$",), layers=("n_layer", config.n_layer),
+                           shardings=shardings)
     return model, variables

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.models import shards
 from jlora.paths import named_leaves, nest
 
 LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
@@ -97,8 +98,9 @@ def parse_config(parse: Callable[[dict], T], config: dict, *, source: str | os.P
         raise ValueError(f"{source or 'the config'}: {e}") from e
 
 
-def read_safetensors(directory: Path) -> dict[str, jax.Array]:
-    """All tensors of `model.safetensors`, or of the shards listed in `model.safetensors.index.json`.
+def read_safetensors(directory: Path, *, lazy: bool = False) -> dict[str, jax.Array]:
+    """All tensors of `model.safetensors`, or of the shards listed in `model.safetensors.index.json`; with `lazy`,
+    `jlora.models.shards.LazyTensor`s (shape and dtype only, read later by slices).
 
     Raises FileNotFoundError for a missing file (weights or a listed shard), ValueError naming the file for a
     damaged one: a truncated or garbage safetensors file, an index that is not JSON or has no "weight_map", a
@@ -133,7 +135,8 @@ def read_safetensors(directory: Path) -> dict[str, jax.Array]:
                     if key in tensors:
                         raise ValueError(f"{directory}: the shards {shard_of[key]} and {name} both hold {key!r}; "
                                          f"the checkpoint is inconsistent: download it again")
-                    tensors[key], shard_of[key] = f.get_tensor(key), name
+                    tensors[key] = shards.LazyTensor.open(f, directory / name, key) if lazy else f.get_tensor(key)
+                    shard_of[key] = name
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{directory / name} is not a readable safetensors file ({e}); it is probably truncated "
                              f"(an interrupted download) or not safetensors at all: download it again") from e
@@ -155,7 +158,8 @@ def default_key(path: str) -> str:
 def convert(template, tensors: dict, *, key_of: Callable[[str], str | None] = default_key,
             transpose: Callable[[str], bool] = lambda path: False, dtype=jnp.float32, source: str = "",
             strict: bool = True, buffers: tuple[str, ...] = (), heads: tuple[str, ...] = (),
-            layers: tuple[str, int] | None = None, tied: tuple[str, str] | None = None) -> dict:
+            layers: tuple[str, int] | None = None, tied: tuple[str, str] | None = None,
+            shardings: dict | None = None) -> dict:
     """Variables shaped like `template` (e.g. `jax.eval_shape(model.init, ...)`) filled from `tensors`, every
     tensor of the checkpoint accounted for.
 
@@ -174,6 +178,8 @@ def convert(template, tensors: dict, *, key_of: Callable[[str], str | None] = de
         layers: (config key, count), e.g. ("n_layer", 12): the errors say when the weights hold other layers.
         tied: (head, embedding) names when the config ties the head to the embedding: a stored head is left out
             if it equals the embedding, else a ValueError (the config and the weights disagree).
+        shardings: {path: NamedSharding} (`shards.placement`): each leaf built by `shards.place`, reading only each
+            device's slice of the tensor (a `LazyTensor` or a numpy array); None: whole arrays on the default device.
 
     Raises:
         ValueError: a shape that does not match (naming the tensor, the stored and the expected shape), tensors
@@ -192,14 +198,16 @@ def convert(template, tensors: dict, *, key_of: Callable[[str], str | None] = de
             continue
         value, stored, want = tensors[key], tuple(tensors[key].shape), tuple(leaf.shape)
         if transpose(path):
-            value, want = value.T, want[::-1]
+            want = want[::-1]
         if stored != want:
             note = (f" (stored transposed, torch Linear (out, in), for the flax kernel {tuple(leaf.shape)}"
                     f"{'; this one is in flax (in, out) layout: save it transposed' if stored == leaf.shape else ''})"
                     if transpose(path) else "")
             bad.append(f"{key}: checkpoint {stored}, model expects {want}{note}")
             continue
-        flat[path] = jnp.asarray(value, dtype=dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype)
+        kind = dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype
+        flat[path] = (jnp.asarray(value.T if transpose(path) else value, dtype=kind) if shardings is None
+                      else shards.place(value, shardings[path], dtype=kind, transposed=transpose(path)))
     where = source or "the checkpoint"
     if bad:
         raise ValueError(f"the config does not match the weights in {where}: " + "; ".join(bad))
@@ -233,7 +241,7 @@ def _drop_tied(tensors: dict, head: str, embedding: str, *, source: str = "") ->
     if head not in tensors:
         return tensors
     a, b = tensors[head], tensors.get(embedding)
-    if b is None or a.shape != b.shape or not bool(jnp.array_equal(a, b)):
+    if b is None or a.shape != b.shape or not shards.array_equal(a, b):
         raise ValueError(f"{source or 'the checkpoint'}: config.json ties the output head to the embedding "
                          f"(tie_word_embeddings=true), but the checkpoint's {head} {tuple(a.shape)} differs from "
                          f"{embedding} {None if b is None else tuple(b.shape)}: set \"tie_word_embeddings\": false in "

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora.models import shards
 from jlora.models.gguf import read_gguf
 from jlora.models.hf import convert, parse_config, read_config, read_safetensors, resolve
 
@@ -64,12 +65,10 @@ class LlamaConfig:
             raise ValueError(f"model_type {hf['model_type']!r} is not a Llama config")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
-        for flag in ("attention_bias", "mlp_bias"):
-            if hf.get(flag):
-                raise ValueError(f"{flag}=True is not supported (Llama projections without bias only)")
+        if flag := next((f for f in ("attention_bias", "mlp_bias") if hf.get(f)), None):
+            raise ValueError(f"{flag}=True is not supported (Llama projections without bias only)")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
+        if (kind := rope.get("rope_type", rope.get("type", "default"))) != "default":
             raise ValueError(f"RoPE scaling {kind!r} ({rope}) is not supported; only plain RoPE (rope_type 'default')")
         heads = hf["num_attention_heads"]
         return cls(
@@ -251,9 +250,8 @@ class Llama(nn.Module):
             want = (c.num_hidden_layers, input_ids.shape[0], None, c.num_key_value_heads, c.head_dim)
             got = tuple(cache["k"].shape)
             if len(got) != 5 or any(w is not None and w != g for w, g in zip(want, got)) or cache["v"].shape != got:
-                raise ValueError(f"cache k/v have shape {got} / {tuple(cache['v'].shape)}, expected "
-                                 f"(layers={want[0]}, batch={want[1]}, max_len, kv_heads={want[3]}, "
-                                 f"head_dim={want[4]})")
+                raise ValueError(f"cache k/v have shape {got} / {tuple(cache['v'].shape)}, expected (layers={want[0]}, "
+                                 f"batch={want[1]}, max_len, kv_heads={want[3]}, head_dim={want[4]})")
             if seq > got[2]:
                 raise ValueError(f"input_ids has {seq} tokens, more than the cache's max_len {got[2]}")
             start, keys = cache["index"], got[2]
@@ -275,25 +273,27 @@ class Llama(nn.Module):
 
 
 def from_tensors(hf_config: dict | LlamaConfig, tensors: dict, *, dtype=jnp.float32, source: str = "",
-                 strict: bool = True) -> tuple[Llama, dict]:
-    """(module, variables) from a HF config dict or LlamaConfig and `{hf_name: array}` (torch layout, Linear (out, in));
-    `source`, the file they came from, is named in errors. `strict`: see `from_pretrained`."""
+                 strict: bool = True, mesh=None, rules=None) -> tuple[Llama, dict]:
+    """(module, variables) from a HF config dict or LlamaConfig and `{hf_name: array or LazyTensor}` (torch layout,
+    Linear (out, in)); `source`, the file they came from, is named in errors. `strict`, `mesh`, `rules`: see below."""
     config = parse_config(LlamaConfig.from_hf, hf_config, source=source) if isinstance(hf_config, dict) else hf_config
     module = Llama(config, dtype=dtype)
     template = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    variables = convert(template, tensors, transpose=lambda path: path.endswith("/kernel"), dtype=dtype,
-                        source=source, strict=strict, buffers=(r"(?:^|\.)rotary_emb\.inv_freq$",),
-                        layers=("num_hidden_layers", config.num_hidden_layers),
-                        tied=("lm_head.weight", "model.embed_tokens.weight") if config.tie_word_embeddings else None)
-    return module, variables
+    return module, convert(template, tensors, transpose=lambda path: path.endswith("/kernel"), dtype=dtype,
+                           source=source, strict=strict, buffers=(r"(?:^|\.)rotary_emb\.inv_freq$",),
+                           layers=("num_hidden_layers", config.num_hidden_layers),
+                           shardings=shards.placement(template, mesh, rules, "llama"),
+                           tied=("lm_head.weight", "model.embed_tokens.weight") if config.tie_word_embeddings else None)
 
 
-def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32, strict: bool = True) -> tuple[Llama, dict]:
+def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32, strict: bool = True, mesh=None,
+                    rules=None) -> tuple[Llama, dict]:
     """(module, variables) from a HF directory (config.json + safetensors), a hub id, or a `.gguf` file (`read_gguf`,
-    dequantized to float32, then cast to `dtype`). Unused tensors (e.g. layers beyond `num_hidden_layers`; old
-    `rotary_emb.inv_freq` buffers are skipped) are a ValueError, or with `strict=False` an UnusedTensorsWarning."""
+    dequantized to float32, cast to `dtype`). Unused tensors (layers beyond `num_hidden_layers`; `inv_freq` skipped)
+    are a ValueError, or an UnusedTensorsWarning with `strict=False`. `mesh`, `rules`: see `models.from_pretrained`."""
+    kw = dict(dtype=dtype, source=str(path_or_dir), strict=strict, mesh=mesh, rules=rules)
     if str(path_or_dir).endswith(".gguf"):  # (hf config, tensors, tokenizer)
-        return from_tensors(*read_gguf(path_or_dir)[:2], dtype=dtype, source=str(path_or_dir), strict=strict)
+        return from_tensors(*read_gguf(path_or_dir)[:2], **kw)
     directory = resolve(path_or_dir)
     config = parse_config(LlamaConfig.from_hf, read_config(directory), source=directory / "config.json")
-    return from_tensors(config, read_safetensors(directory), dtype=dtype, source=str(directory), strict=strict)
+    return from_tensors(config, read_safetensors(directory, lazy=mesh is not None), **kw | {"source": str(directory)})
