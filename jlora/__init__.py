@@ -11,7 +11,7 @@ from jlora.config import LoraConfig
 from jlora.interpreter import FactoredFallbackWarning
 from jlora.manager import AdapterCheckpointManager
 from jlora.merge import merge, unmerge
-from jlora.optim import loralib_adamw, masked_optimizer
+from jlora.optim import loralib_adamw, masked_optimizer, optimizer_shardings
 from jlora.partition import combine, split, trainable_mask
 from jlora.sharding import adapter_shardings
 from jlora.transform import LoraTransform, lora_transform
@@ -37,6 +37,7 @@ __all__ = [
     "loralib_adamw",
     "masked_optimizer",
     "merge",
+    "optimizer_shardings",
     "save_adapters",
     "split",
     "trainable_mask",

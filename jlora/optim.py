@@ -142,3 +142,31 @@ def loralib_adamw(learning_rate, *, b1: float = 0.9, b2: float = 0.999, eps: flo
     decay = decay_after_step(learning_rate, weight_decay)
     return optax.chain(scale_by_loralib_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate),
                        decay if mask is None else optax.masked(decay, mask))
+
+
+def optimizer_shardings(optimizer: optax.GradientTransformation, adapters, shardings):
+    """The shardings of `optimizer.init(adapters)`'s state: each per-parameter leaf (Adam's moments) takes its
+    adapter's sharding, every other leaf (step counts) is replicated on the adapters' mesh. Give it as
+    `out_shardings` when initialising under jit, where the state's zeros, depending on no input, would otherwise
+    land on one device (an eager `optimizer.init` already follows the adapters)::
+
+        shardings = jlora.adapter_shardings(variables, adapters, config=config)
+        state = jax.jit(tx.init, out_shardings=jlora.optimizer_shardings(tx, adapters, shardings))(adapters)
+
+    Args:
+      optimizer: the optax transformation (e.g. `masked_optimizer(optax.adamw(...))`, `loralib_adamw(...)`).
+      adapters: the adapter tree (arrays or ShapeDtypeStructs).
+      shardings: a tree shaped like `adapters` of NamedSharding or None (`jlora.adapter_shardings`).
+
+    Returns a tree shaped like the optimizer state of NamedSharding (None throughout where no adapter is sharded).
+    """
+    flat = [s for s in jax.tree_util.tree_leaves(shardings) if s is not None]
+    meshes = {s.mesh for s in flat}
+    if len(meshes) > 1:
+        raise ValueError(f"the adapters' shardings use {len(meshes)} different meshes; an optimizer state needs "
+                         f"one: place every adapter on the same mesh")
+    replicated = jax.sharding.NamedSharding(meshes.pop(), jax.sharding.PartitionSpec()) if flat else None
+    abstract = jax.eval_shape(optimizer.init, adapters)
+    return optax.tree_utils.tree_map_params(
+        optimizer, lambda _, s: s if s is not None else replicated, abstract, shardings,
+        transform_non_params=lambda _: replicated, is_leaf=lambda x: x is None)

@@ -266,10 +266,20 @@ def test_optimizer_state_follows_the_adapters():
     for mu in moments(tx.init(adapters)):  # eager: zeros_like keeps each leaf's sharding
         assert _array_specs(mu, MESH) == EXPECTED
     # under jit (Auto mesh) give the state's shardings as out_shardings, mapped from the adapters' by optax
-    state_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, adapters), shardings,
-                                            transform_non_params=lambda _: None, is_leaf=lambda x: x is None)
-    for mu in moments(jax.jit(tx.init, out_shardings=state_shardings)(adapters)):
+    state_shardings = jlora.optimizer_shardings(tx, adapters, shardings)
+    state = jax.jit(tx.init, out_shardings=state_shardings)(adapters)
+    for mu in moments(state):
         assert _array_specs(mu, MESH) == EXPECTED
+    counts = [x for x in jax.tree.leaves(state) if x.ndim == 0]
+    assert counts and all(x.sharding.spec == P() and x.sharding.mesh == MESH for x in counts)
+    for mu in moments(jax.jit(tx.init)(adapters)):  # without out_shardings the zeros land on one device
+        assert not isinstance(jax.tree.leaves(mu)[0].sharding, NamedSharding) or _array_specs(mu, MESH) != EXPECTED
+    assert jax.tree.leaves(jlora.optimizer_shardings(tx, adapters, jax.tree.map(lambda _: None, adapters))) == []
+    other = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    mixed = jax.tree.map(lambda s: s, shardings)
+    mixed["dense"]["bias"] = NamedSharding(other, P())
+    with pytest.raises(ValueError, match="different meshes"):
+        jlora.optimizer_shardings(tx, adapters, mixed)
 
 
 def test_frozen_tree_or_abstract_values_give_the_same_shardings():
