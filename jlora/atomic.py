@@ -12,6 +12,11 @@ fallback is two renames (old copy aside into the staging directory, new copy in)
 `path` absent and the old copy whole at `.<name>.jlora-<random>/<name>.old`; a new path is claimed by `os.mkdir`,
 so a concurrent writer still fails rather than replacing it. A crash at any other moment leaves at most a hidden
 `.<name>.jlora-*` directory beside `path` and `path` as it was before, or complete.
+
+With several JAX processes (`jax.distributed`) every process enters `replace_dir` together, on a filesystem they
+share: the staging directory's name is drawn by process 0 and broadcast, so all write into one; process 0 alone
+checks, creates, renames and deletes, the others wait for each step and raise what it raised
+(`jlora.multihost`); a failure on any process while writing raises on all and commits nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+
+from jlora import multihost
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
@@ -121,23 +128,72 @@ def replace_dir(path, *, overwrite: bool, is_ours: Callable[[pathlib.Path], bool
         exist yet: create it as a directory and fill it. On normal exit it is moved to `path` (atomically on Linux;
         see the module docstring) and the old copy deleted; when the block raises, or wrote nothing, the staging
         directory is deleted and `path` is left untouched. The checks are made on entry and again at the commit.
+        With several JAX processes every process must enter it and gets the same path (see the module docstring).
     """
     path = pathlib.Path(os.path.abspath(os.fspath(path)))
+    if multihost.count() > 1:
+        with _replace_shared(path, overwrite, is_ours, what) as new:
+            yield new
+        return
     _check(path, overwrite, is_ours, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.jlora-", dir=path.parent))
     try:
         new = stage / path.name
         yield new
-        if not new.is_dir():
-            raise ValueError(f"nothing was written to {new}: the block must create that directory; {path} is "
-                             f"left as it was")
-        if _check(path, overwrite, is_ours, what):
-            _swap_in(new, path)
-        else:
-            rename_new(new, path)
+        _commit(new, path, overwrite, is_ours, what)
     finally:
         _remove(stage)
+
+
+def _commit(new: pathlib.Path, path: pathlib.Path, overwrite: bool, is_ours: Callable[[pathlib.Path], bool],
+            what: str) -> None:
+    if not new.is_dir():
+        raise ValueError(f"nothing was written to {new}: the block must create that directory; {path} is "
+                         f"left as it was")
+    if _check(path, overwrite, is_ours, what):
+        _swap_in(new, path)
+    else:
+        rename_new(new, path)
+
+
+@contextlib.contextmanager
+def _replace_shared(path: pathlib.Path, overwrite: bool, is_ours: Callable[[pathlib.Path], bool], what: str
+                    ) -> Iterator[pathlib.Path]:
+    """`replace_dir` for several JAX processes writing one directory on a filesystem they share (orbax's
+    multi-process save: each process writes its shards, process 0 the metadata). Every process must enter it.
+
+    The staging directory `.<name>.jlora-<token>` is named by a token process 0 draws and broadcasts, so all
+    processes write into the same one. Process 0 alone checks `path`, creates the staging directory, renames the
+    result into place and deletes the staging directory; every process waits for each of these steps and raises
+    when it failed (process 0's exception, rebuilt on the others). When the block raises on any process, every
+    process raises (a `jlora.multihost.ProcessError` where it did not fail) and nothing is committed."""
+    stage = path.parent / f".{path.name}.jlora-{multihost.shared_token()}"
+
+    def claim():
+        _check(path, overwrite, is_ours, what)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stage.mkdir()
+
+    multihost.on_primary(claim, f"staging {path}")
+    new, error = stage / path.name, None
+    try:
+        yield new
+    except BaseException as e:  # every process learns of it (check_all) before any raises
+        error = e
+    try:
+        multihost.check_all(error, f"writing {path}")
+    except BaseException:
+        multihost.on_primary(lambda: _remove(stage), f"deleting {stage}")
+        raise
+
+    def commit():
+        try:
+            _commit(new, path, overwrite, is_ours, what)
+        finally:
+            _remove(stage)
+
+    multihost.on_primary(commit, f"committing {path}")
 
 
 def _remove(stage: pathlib.Path, *, attempts: int = 50) -> None:

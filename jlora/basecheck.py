@@ -4,13 +4,18 @@ that the variables given on load are that base.
 The content digest of a weight is `"strided4096-sha256:<hex>"`, the sha256 of its shape, its dtype and the raw bytes
 of a fixed sample of its flattened (row-major) elements: 4096 evenly strided ones, first and last included (every
 element of a weight with at most 4096). It is read without copying the weight: a numpy array or a single-device CPU
-jax array is sampled in place, any other jax array (GPU/TPU, sharded) is gathered on its device and only the
-sample is transferred. It tells another fine-tune of the same architecture from the base (a full fine-tune, or a
-merge of adapters, moves every element), but not a change confined to unsampled elements.
+jax array is sampled in place, a single-device GPU/TPU array is gathered on its device, and an array on several
+devices (sharded on a mesh of Auto or Explicit axes, or replicated) is gathered by a jitted gather whose result is
+replicated on all its devices, so only the sample moves, and with several processes (`jax.distributed`), whose
+shards no process holds all of, every process computes the same digest (a collective then: every process must
+fingerprint the same weights in the same order, as `save_adapters` and `load_adapters` called on all do). It
+tells another fine-tune of the same architecture from the base (a full fine-tune, or a merge of adapters, moves
+every element), but not a change confined to unsampled elements.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
@@ -47,11 +52,29 @@ def _take(x, idx):
     return x.reshape(-1)[idx]
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _take_replicated(x, out: jax.sharding.NamedSharding):
+    """The strided sample of a sharded `x` (axes Auto or Explicit), replicated on `out`'s devices: a gather of
+    per-axis indices, so no reshape of the sharded weight; each device reads its own elements."""
+    idx = np.unravel_index(_indices(int(np.prod(x.shape, dtype=np.int64))), x.shape)
+    return x.at[tuple(jnp.asarray(i, jnp.int32) for i in idx)].get(out_sharding=out)
+
+
+def _replicated(sharding) -> jax.sharding.NamedSharding:
+    """Replicated on the devices of `sharding` (on its mesh when it has one)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    devices = np.array(sorted(sharding.device_set, key=lambda d: d.id))
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("devices",)), jax.sharding.PartitionSpec())
+
+
 def _sample(x) -> np.ndarray:
     idx = _indices(int(np.prod(x.shape, dtype=np.int64)))
     if isinstance(x, jax.Array):
         devices = x.devices()
-        if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        if len(devices) > 1 and x.ndim:  # sharded or replicated, maybe across processes: each computes the sample
+            return np.asarray(_take_replicated(x, _replicated(x.sharding))).reshape(-1)
+        if next(iter(devices)).platform != "cpu":
             return np.asarray(_take(x, jnp.asarray(idx)))
     return np.asarray(x).reshape(-1)[idx]  # a view of the host buffer, then only the sample is copied
 

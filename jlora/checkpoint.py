@@ -12,6 +12,15 @@ fields. A metadata file whose checksum differs is refused. Checkpoints of format
 no digests) still load, with the base compared by shapes and dtypes. The frozen base weights are never written.
 The checkpoint is written beside `path` and moved into place when complete (`jlora.atomic.replace_dir`): a crash
 mid-save leaves `path` as it was, and an overwritten checkpoint stays readable until its replacement is whole.
+
+Several processes (`jax.distributed.initialize`, adapters sharded over a global mesh): every process calls
+`save_adapters` with the same arguments, on a filesystem they share; each writes the shards its devices hold (orbax),
+process 0 the metadata, into one staging directory, and process 0 commits it by one rename once all have written
+(an error on any process raises on all). Every process calls `load_adapters` too; each reads its own shards.
+On load, each array is placed by, first match wins: `target`'s sharding; `jlora.adapter_shardings(variables, ...)`
+(each adapter sharded like its base weight, on the variables' mesh, whatever mesh it was saved from); the device
+of a base weight held whole (one device); the saved sharding when its devices exist here; else the default device
+(one process) or replicated on all devices (several).
 """
 
 from __future__ import annotations
@@ -25,12 +34,13 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jlora import validate
+from jlora import multihost, validate
 from jlora.atomic import replace_dir
-from jlora.basecheck import _spec, check_base, fingerprint
+from jlora.basecheck import _slots, _spec, check_base, fingerprint
 from jlora.config import LoraConfig
-from jlora.paths import flatten_adapters, named_leaves, nest
+from jlora.paths import flatten_adapters, named_leaves, nest, path_str
 from jlora.quiet import quiet_orbax
+from jlora.sharding import adapter_shardings
 
 FORMAT = "jlora.adapters/2"
 _KEYS = {"jlora.adapters/1": {"format", "config", "arrays", "base"},
@@ -176,18 +186,51 @@ def _abstract(meta: dict, target, where: str):
                         target)
 
 
+def _placed(abstract, variables, config: LoraConfig):
+    """`abstract` with a sharding on every leaf that has none: `adapter_shardings` of `variables`, or where the base
+    weight lies whole (one device, or replicated), or still None (orbax's saved sharding, else `_fallback`)."""
+    derived = dict(named_leaves(adapter_shardings(variables, abstract, config=config)))
+    pairs, _ = flatten_adapters(abstract)
+    slots = _slots(variables)
+
+    def pick(key_path, leaf):
+        p = path_str(key_path)
+        sharding = getattr(leaf, "sharding", None) or derived.get(p)
+        if sharding is None:
+            owner, name = p.rsplit("/", 1) if "/" in p else ("", p)
+            whole = getattr(slots.get(owner if owner in pairs and name in ("lora_a", "lora_b") else p), "sharding",
+                            None)
+            sharding = whole if isinstance(whole, jax.sharding.Sharding) and whole.is_fully_replicated else None
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract)
+
+
+def _fallback() -> jax.sharding.Sharding:
+    """Where an array goes when neither the target nor the variables place it and its saved sharding names devices
+    this run lacks (another mesh, another number of processes): the default device with one process, else
+    replicated on every device."""
+    if multihost.count() == 1:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mesh = jax.sharding.Mesh(jax.devices(), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def load_adapters(path, *, variables=None, target=None, check_weights: bool = True) -> tuple[dict, LoraConfig]:
     """`(adapters, config)` from a `save_adapters` directory: jax arrays of the saved shapes and dtypes, nested as
     saved (`{"params": {"query": {"kernel": {"lora_a": (in, r), "lora_b": (r, out)}, "bias": (out,)}}}`).
 
     The arrays are restored against an abstract target (`jax.ShapeDtypeStruct`s) built from the saved metadata, or
     from `target` (a tree of arrays or ShapeDtypeStructs with the saved paths and shapes, whose dtypes and shardings
-    are used). With `variables` (full or frozen), a base that differs from the saved fingerprint, or lacks a saved
-    path, raises a ValueError naming every such path with both shapes and dtypes; with `check_weights` (default)
-    the content digest of each adapted weight is compared too, so another fine-tune of the same architecture is
-    refused (`check_weights=False` compares shapes and dtypes only; abstract variables need it). A missing directory
-    raises FileNotFoundError; a corrupt or partial checkpoint, or metadata whose checksum differs, a
-    CorruptCheckpointError (a ValueError) naming the path.
+    are used). With `variables` (full or frozen), each array that `target` does not place is placed like its base
+    weight (`jlora.adapter_shardings`): adapters saved on 8 devices by 2 processes load onto variables on one
+    device, or sharded on a 4-device mesh, each where it belongs (the module docstring gives the other cases).
+    With `variables`, a base that differs from the saved fingerprint, or lacks a saved path, raises a ValueError
+    naming every such path with both shapes and dtypes; with `check_weights` (default) the content digest of each
+    adapted weight is compared too, so another fine-tune of the same architecture is refused
+    (`check_weights=False` compares shapes and dtypes only; abstract variables need it). A missing directory raises
+    FileNotFoundError; a corrupt or partial checkpoint, or metadata whose checksum differs, a CorruptCheckpointError
+    (a ValueError) naming the path.
     """
     path = absolute(path)
     if not path.exists():
@@ -196,9 +239,12 @@ def load_adapters(path, *, variables=None, target=None, check_weights: bool = Tr
     if variables is not None:
         check_base(meta, config, variables, str(path), check_weights)
     abstract = _abstract(meta, target, str(path))
+    if variables is not None:
+        abstract = _placed(abstract, variables, config)
     try:
         with quiet_orbax(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            args = ocp.args.Composite(adapters=ocp.args.StandardRestore(abstract))
+            restore = ocp.args.StandardRestore(abstract, fallback_sharding=_fallback())
+            args = ocp.args.Composite(adapters=restore)
             adapters = checkpointer.restore(path, args=args).adapters
     except Exception as e:
         raise CorruptCheckpointError(f"{path} is corrupt or partial: its adapter arrays cannot be read "

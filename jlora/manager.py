@@ -10,6 +10,9 @@ the step exists (`jlora.atomic.rename_new`; even an empty directory is not repla
 step never mix: the step holds exactly what the first to commit wrote, and the other gets a FileExistsError. Every
 call reads the directory itself (no cached step list), so several managers on one directory see each other's steps.
 A crash mid-save leaves only a hidden staging directory (never listed, never loaded).
+With several JAX processes (`jax.distributed`) every process creates the manager on the same shared directory and
+calls `save` and `restore` with the same arguments: each writes and reads its own shards (`jlora.save_adapters`),
+process 0 commits each step and prunes old ones, and `save` returns on every process once both are done.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import re
 import shutil
 import uuid
 
+from jlora import multihost
 from jlora.atomic import replace_dir
 from jlora.checkpoint import (
     WHAT,
@@ -112,7 +116,7 @@ class AdapterCheckpointManager:
             raise FileExistsError(f"step {step} in {self.directory} was saved by another writer while this one was "
                                   f"writing; a saved step is never replaced, so this save wrote nothing: save "
                                   f"under a later step") from e
-        self._prune()
+        multihost.on_primary(self._prune, f"deleting steps beyond max_to_keep={self.max_to_keep}")
 
     def _prune(self) -> None:
         if self.max_to_keep is None:
