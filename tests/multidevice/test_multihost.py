@@ -42,16 +42,14 @@ def child_env() -> dict[str, str]:
             "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
 
 
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    """The directory the two worker processes wrote (checkpoints, result.npz); fails with their logs."""
-    out = tmp_path_factory.mktemp("multihost")
-    port, logs, procs = free_port(), [out.parent / f"{out.name}-process{i}.log" for i in range(2)], []
+def run_processes(commands: list[list[str]], env: dict[str, str], logs: list[pathlib.Path]) -> None:
+    """Runs the commands as concurrent processes (stdout and stderr to `logs`) until all exit, one fails, or
+    TIMEOUT passes; kills the rest (SIGKILL: JAX ignores SIGTERM); fails the test with their logs' tails."""
+    procs = []
     try:
-        for i, log in enumerate(logs):
+        for command, log in zip(commands, logs):
             with open(log, "w") as f:
-                command = [sys.executable, str(HERE / "multihost_worker.py"), str(i), str(port), str(out)]
-                procs.append(subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT))
+                procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + TIMEOUT
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             if any(p.returncode not in (None, 0) for p in procs):
@@ -63,10 +61,19 @@ def two_processes(tmp_path_factory):
                 p.kill()
             p.wait()
     codes = [p.returncode for p in procs]
-    if codes != [0, 0]:
+    if codes != [0] * len(procs):
         tails = "\n".join(f"--- process {i} (exit {c}) ---\n" + "\n".join(log.read_text().splitlines()[-40:])
                           for i, (c, log) in enumerate(zip(codes, logs)))
-        pytest.fail(f"the 2-process run failed or took over {TIMEOUT} s (exit codes {codes}):\n{tails}")
+        pytest.fail(f"the {len(procs)}-process run failed or took over {TIMEOUT} s (exit codes {codes}):\n{tails}")
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The directory the two worker processes wrote (checkpoints, result.npz); fails with their logs."""
+    out = tmp_path_factory.mktemp("multihost")
+    port, logs = free_port(), [out.parent / f"{out.name}-process{i}.log" for i in range(2)]
+    run_processes([[sys.executable, str(HERE / "multihost_worker.py"), str(i), str(port), str(out)] for i in range(2)],
+                  child_env(), logs)
     return out
 
 
