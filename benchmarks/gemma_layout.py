@@ -78,8 +78,9 @@ def measure(config: Config) -> dict[str, Any]:
         lora_cfg = jlora.LoraConfig(rank=r, alpha=2 * r, targets=(name,))
         lora = jlora.lora_transform(lambda p, x, eq=eq, name=name: jnp.einsum(eq, x, p[name]), lora_cfg)
         frozen, adapters = lora.init(w, x, key=jax.random.key(1))
-        keys = iter(jax.random.split(jax.random.key(2), 2))  # both factors random (one of them starts at zero)
-        adapters = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), adapters)
+        keys = jax.random.split(jax.random.key(2), 2)  # both factors random (one of them starts at zero)
+        adapters = {name: {k: jax.random.normal(keys[i], adapters[name][k].shape, adapters[name][k].dtype)
+                           for i, k in enumerate(("lora_a", "lora_b"))}}
         delta = np.asarray(jlora.merge(frozen, adapters, lora_cfg)[name] - w[name], np.float64)
         pair = adapters[name]
         n_in = math.prod(shape[i] for i in c_idx)
