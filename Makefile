@@ -26,8 +26,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.reference
 	$(PY) -m ruff check jlora tests benchmarks experiments
-	$(PY) -m pytest -q
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests/multidevice
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q tests/multidevice \
+		> .multidevice-tests.log 2>&1 & multi=$$!; \
+	$(PY) -m pytest -q -n 2 --dist loadfile; main=$$?; \
+	wait $$multi; multi_rc=$$?; echo '--- tests/multidevice (8 CPU devices, run alongside) ---'; \
+	cat .multidevice-tests.log; test $$main -eq 0 && test $$multi_rc -eq 0
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check jlora tests benchmarks experiments

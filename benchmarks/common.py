@@ -353,10 +353,13 @@ def child_result(result: dict[str, Any]) -> None:
     print(CHILD_MARK + json.dumps(result, default=_jsonable), flush=True)
 
 
-def run_child(module: str, args: list[str], *, timeout: float = 900) -> dict[str, Any]:
-    """Runs `python -m module *args` in a fresh process from the repository root and returns the dict it printed
-    with `child_result`. Raises RuntimeError with the child's stderr tail when it fails."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+def run_child(module: str, args: list[str], *, timeout: float = 900,
+              env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Runs `python -m module *args` in a fresh process from the repository root, with this process's environment
+    updated by `env` (for the child only), and returns the dict it printed with `child_result`. Raises RuntimeError
+    with the child's stderr tail when it fails."""
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_MARK)]

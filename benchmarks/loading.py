@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 import time
@@ -132,18 +131,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """`child(spec)` in a fresh process with 8 simulated CPU devices (XLA_FLAGS and JAX_PLATFORMS set for the child
-    only: this process's environment is restored)."""
-    saved = {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    try:
-        return common.run_child("benchmarks.loading", ["--child", json.dumps(spec)])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    only)."""
+    return common.run_child("benchmarks.loading", ["--child", json.dumps(spec)],
+                            env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={spec['devices']}",
+                                 "JAX_PLATFORMS": "cpu"})
 
 
 def measure(config: Config) -> dict[str, Any]:

@@ -252,17 +252,9 @@ def measure_anywhere(config: Config) -> dict[str, Any]:
                            f"on {config.devices} simulated CPU devices")
     print(f"{have} CPU device(s): measuring in a child process with {config.devices} simulated devices",
           file=sys.stderr, flush=True)
-    saved = {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    os.environ.update(XLA_FLAGS=_device_flags(config.devices), JAX_PLATFORMS="cpu")
-    try:
-        return common.run_child("benchmarks.sharded", ["--child", json.dumps(dataclasses.asdict(config))],
-                                timeout=CHILD_TIMEOUT_S)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return common.run_child("benchmarks.sharded", ["--child", json.dumps(dataclasses.asdict(config))],
+                            timeout=CHILD_TIMEOUT_S,
+                            env={"XLA_FLAGS": _device_flags(config.devices), "JAX_PLATFORMS": "cpu"})
 
 
 def main(argv=None) -> int:

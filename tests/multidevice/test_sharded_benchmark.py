@@ -70,8 +70,8 @@ def test_child_process_gets_eight_devices(monkeypatch):
     replaced, the other flags kept); this process's environment is restored."""
     seen = {}
 
-    def fake_child(module, args, *, timeout):
-        seen.update(module=module, args=args, flags=os.environ["XLA_FLAGS"], platforms=os.environ["JAX_PLATFORMS"])
+    def fake_child(module, args, *, timeout, env):
+        seen.update(module=module, args=args, flags=env["XLA_FLAGS"], platforms=env["JAX_PLATFORMS"])
         return {"from": "child"}
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2")
