@@ -13,6 +13,7 @@ from jlora.manager import AdapterCheckpointManager
 from jlora.merge import merge, unmerge
 from jlora.optim import loralib_adamw, masked_optimizer, optimizer_shardings
 from jlora.partition import combine, split, trainable_mask
+from jlora.quant import QuantizedArray, dequantize, quantize
 from jlora.sharding import adapter_shardings
 from jlora.transform import LoraTransform, lora_transform
 from jlora.validate import RankWarning, check_adapters, check_pairs
@@ -26,11 +27,13 @@ __all__ = [
     "LayoutWarning",
     "LoraConfig",
     "LoraTransform",
+    "QuantizedArray",
     "RankWarning",
     "adapter_shardings",
     "check_adapters",
     "check_pairs",
     "combine",
+    "dequantize",
     "fingerprint",
     "load_adapters",
     "lora_transform",
@@ -38,6 +41,7 @@ __all__ = [
     "masked_optimizer",
     "merge",
     "optimizer_shardings",
+    "quantize",
     "save_adapters",
     "split",
     "trainable_mask",
