@@ -144,18 +144,20 @@ def _factor_operand(f, sel: list[int], first_kept: int, ndim: int):
     return jnp.transpose(f, [src.index(i) for i in range(ndim)])
 
 
-def _lookup(ctx, eqn, t: Tracked, whole: list[int], look):
-    """A lookup that keeps every axis of one factor's group whole (a row or column of the table) run factored:
+def _lookup(ctx, eqn, t: Tracked, rest: list, whole: list[int], look, out_axis):
+    """A lookup of W (a gather or slice in `eqn`; `rest` its other operands, the indices; `whole` the axes it keeps
+    whole) run factored when it keeps every axis of one factor's group whole (a row or column of the table):
     `look(f, sizes)` applies the same gather or slice to `f`, the other factor as an operand of W's rank (its axes
-    in place, the kept axes replaced by the rank axis of size r and size-1 axes), with the slice sizes `sizes`;
-    its output, W's output with the kept axes as (r, 1, ...), is contracted with the kept factor afterwards.
-    Returns (low-rank term, where the kept axes sit in the output), or None (the fallback)."""
+    in place, the kept axes replaced by the rank axis of size r and size-1 axes), with the slice sizes `sizes`; its
+    output, W's output with the kept axes as (r, 1, ...), is contracted with the kept factor afterwards.
+    `out_axis(i)` is where W's axis i sits in the output. Returns `[W's lookup + scale * the low-rank term]`; in
+    analysis mode records the lookup and returns W's lookup; otherwise None (the fallback)."""
     if t.analysis:
         if any(t.axes[i] for i in whole):
             ctx.record(t, "gather", [t.axes[i] for i in range(len(t.axes)) if i not in whole])  # the indexed axes
         else:  # no axis of W kept whole: no layout makes this lookup factored
             ctx.record(t, "fallback", eqn.primitive.name)
-        return None
+        return bind(eqn, [t.w, *rest])
     groups = [t.axis_group(i) for i in range(len(t.axes))]
     if not set(groups) <= {"A", "B", ""} or not {"A", "B"} <= set(groups):
         return None
@@ -167,17 +169,14 @@ def _lookup(ctx, eqn, t: Tracked, whole: list[int], look):
     f1 = _factor_operand(f1, sel1, sel2[0], len(t.axes))
     sizes = eqn.params["slice_sizes"]
     g = look(f1, tuple(s if i in sel1 else f1.shape[i] for i, s in enumerate(sizes)))
-    return g, f2, sel2
-
-
-def _contract_kept(g, f2, pos: list[int], scale: float):
-    """`g` (a lookup's output with the kept axes at `pos` as (r, 1, ...)) contracted with the kept factor f2
-    (shape=(kept axes..., r)) into the kept axes: the low-rank term, times `scale`."""
+    pos = [out_axis(i) for i in sel2]  # where the kept axes sit in the output; g has them as (r, 1, ...)
     g = jnp.squeeze(g, tuple(pos[1:]))
     out_labels = list(range(g.ndim + len(pos) - 1))
     r_label = len(out_labels)
     g_labels = [r_label if k == pos[0] else k for k in out_labels if k not in pos[1:]]
-    return jnp.einsum(g, g_labels, f2, [*pos, r_label], out_labels) * jnp.asarray(scale, g.dtype)
+    low = jnp.einsum(g, g_labels, f2, [*pos, r_label], out_labels) * jnp.asarray(t.leaf.scale, g.dtype)
+    base = bind(eqn, [t.w, *rest])[0]
+    return [base + low.astype(base.dtype)]
 
 
 def _gather(ctx, eqn, invals):
@@ -193,6 +192,7 @@ def _gather(ctx, eqn, invals):
     dn = p["dimension_numbers"]
     dropped = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
     whole = [i for i in range(len(t.axes)) if i not in dropped and p["slice_sizes"][i] == t.w.shape[i]]
+    offset_of = dict(zip([i for i in range(len(t.axes)) if i not in dropped], dn.offset_dims))
 
     def look(f, sizes):
         params = {**p, "slice_sizes": sizes}
@@ -200,23 +200,16 @@ def _gather(ctx, eqn, invals):
             params["fill_value"] = 0  # W's gather fills a dropped slice already; its update is zero
         return lax.gather_p.bind(f, idx, **params)
 
-    found = _lookup(ctx, eqn, t, whole, look)
-    if found is None:
-        return bind(eqn, [t.w, idx]) if t.analysis else None
-    base = bind(eqn, [t.w, idx])[0]
-    g, f2, sel2 = found
-    offset_of = dict(zip([i for i in range(len(t.axes)) if i not in dropped], dn.offset_dims))
-    low = _contract_kept(g, f2, [offset_of[i] for i in sel2], t.leaf.scale)
-    return [base + low.astype(base.dtype)]
+    return _lookup(ctx, eqn, t, [idx], whole, look, offset_of.__getitem__)
 
 
 def _dynamic_slice(ctx, eqn, invals):
     """`table[token]` for one traced index (`dynamic_slice` of whole rows or columns, as equinox's `Embedding` of a
     scalar token lowers): the same slice of the other factor, then the kept factor (see `_lookup`). The kept axes
     are sliced whole, so their clamped start is 0 in W and in the factor alike. Only a slice that keeps one of
-    W's original axes whole is a lookup: `w[layer]` of a stacked (L, in, out) weight in a `fori_loop` falls back, since
-    an adapter for it as a table would not be one pair per layer (`scan` slices it per layer)."""
-    t, *starts = invals
+    W's original axes whole is a lookup: `w[layer]` of a stacked (L, in, out) weight in a `fori_loop` falls back,
+    since an adapter for it as a table would not be one pair per layer (`scan` slices it per layer)."""
+    t, *starts = invals  # one start index per axis
     if not isinstance(t, Tracked) or any(isinstance(s, Tracked) for s in starts):
         return None
     sizes = eqn.params["slice_sizes"]
@@ -225,16 +218,10 @@ def _dynamic_slice(ctx, eqn, invals):
         whole = []  # W[i] keeping 2+ axes whole may be a stacked layer: a lookup layout would not be per layer
 
     def look(f, f_sizes):
-        zero = jnp.zeros((), starts[0].dtype) if starts else 0
+        zero = jnp.zeros((), starts[0].dtype)
         return lax.dynamic_slice(f, [zero if i in whole else s for i, s in enumerate(starts)], f_sizes)
 
-    found = _lookup(ctx, eqn, t, whole, look)
-    if found is None:
-        return bind(eqn, [t.w, *starts]) if t.analysis else None
-    base = bind(eqn, [t.w, *starts])[0]
-    g, f2, sel2 = found
-    low = _contract_kept(g, f2, list(sel2), t.leaf.scale)
-    return [base + low.astype(base.dtype)]
+    return _lookup(ctx, eqn, t, starts, whole, look, lambda i: i)  # a slice keeps every axis in place
 
 
 def _conv(ctx, eqn, invals):

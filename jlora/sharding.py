@@ -32,6 +32,7 @@ The adapters themselves are plain arrays: the metadata is read through, not copi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -195,7 +196,7 @@ def _sharding(path, value, source, mesh, metadata: bool):
     if mesh is None:
         raise ValueError(f"{path}: the weight is not placed on devices and its sharding is {what}, which names no "
                          f"mesh: pass the mesh, adapter_shardings(variables, adapters, mesh=mesh)")
-    unknown = sorted({n for e in spec for n in _names(e)} - set(mesh.axis_names))
+    unknown = sorted({n for e in spec for n in entry_axes(e)} - set(mesh.axis_names))
     if unknown:
         raise ValueError(f"{path}: its sharding {what} -> {spec} uses {unknown}, which are not axes of the mesh "
                          f"{tuple(mesh.axis_names)}: logical axis names need rules mapping them to mesh axes "
@@ -229,11 +230,16 @@ def _metadata_spec(path, source):
     return None, None, ""
 
 
-def _names(entry) -> tuple[str, ...]:
+def entry_axes(entry) -> tuple[str, ...]:
     """The mesh axis names in one PartitionSpec entry (None, a name, or a tuple of names)."""
     if entry is None or entry is PartitionSpec.UNCONSTRAINED:
         return ()
     return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def entry_parts(entry, mesh) -> int:
+    """How many pieces one PartitionSpec entry splits its axis into on `mesh` (a Mesh or AbstractMesh)."""
+    return math.prod(mesh.shape[name] for name in entry_axes(entry))
 
 
 def _padded(path, spec, ndim: int) -> list:
@@ -245,11 +251,5 @@ def _padded(path, spec, ndim: int) -> list:
 
 def _factor(sharding: NamedSharding, entries: list, shape) -> NamedSharding:
     """W's sharding with `entries` as spec, each entry whose mesh axes do not divide its axis dropped."""
-    sizes = dict(sharding.mesh.shape)
-    keep = []
-    for entry, n in zip(entries, shape):
-        k = 1
-        for name in _names(entry):
-            k *= sizes[name]
-        keep.append(entry if n % k == 0 else None)
+    keep = [entry if n % entry_parts(entry, sharding.mesh) == 0 else None for entry, n in zip(entries, shape)]
     return NamedSharding(sharding.mesh, PartitionSpec(*keep), memory_kind=sharding.memory_kind)

@@ -30,6 +30,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.paths import named_leaves
+from jlora.sharding import entry_axes, entry_parts
 
 _DENSE_OUT = r"/(?:c_attn|c_fc|query|key|value|q_proj|k_proj|v_proj|gate_proj|up_proj)/"
 LOGICAL_AXES: dict[str, tuple[tuple[str, tuple[str | None, ...]], ...]] = {
@@ -92,12 +93,8 @@ def _mesh_str(mesh) -> str:
     return "mesh(" + ", ".join(f"{k!r}: {v}" for k, v in mesh.shape.items()) + ")"
 
 
-def _as_axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _check_mesh_axes(used, mesh, fix: str) -> None:
-    missing = sorted({a for entry in used for a in _as_axes(entry) if a not in mesh.axis_names})
+    missing = sorted({a for entry in used for a in entry_axes(entry) if a not in mesh.axis_names})
     if missing:
         raise ValueError(f"the rules put parameters on the mesh axes {missing}, which the {_mesh_str(mesh)} "
                          f"(axes {mesh.axis_names}) lacks: name the mesh's axes so, or {fix}")
@@ -163,7 +160,7 @@ def partition_specs(template, mesh, rules=None, *, architecture: str | None = No
         rules = PRESETS[rules]
     if isinstance(rules, Mapping):
         alias = mesh.axis_names[0] if len(mesh.axis_names) == 1 else mesh.axis_names
-        fix = {k: alias if set(_as_axes(v)) - set(mesh.axis_names) else v for k, v in rules.items()}
+        fix = {k: alias if set(entry_axes(v)) - set(mesh.axis_names) else v for k, v in rules.items()}
         _check_mesh_axes(rules.values(), mesh, f"pass rules={fix}")
         specs = _logical_specs(template, rules, architecture)
     elif isinstance(rules, Sequence):
@@ -178,22 +175,20 @@ def partition_specs(template, mesh, rules=None, *, architecture: str | None = No
 
 
 def _check(path, shape, spec, logical, mesh, label) -> None:
-    axes = [a for entry in spec for a in _as_axes(entry)]
+    axes = [a for entry in spec for a in entry_axes(entry)]
     twice = sorted({a for a in axes if axes.count(a) > 1})
     if twice:
         raise ValueError(f"rules {label} put mesh axis {twice[0]!r} twice on {path} {shape} ({spec}); a mesh axis "
                          f"can split one dim of a parameter: map its logical axes {logical} to distinct mesh axes")
     for dim, (size, entry) in enumerate(zip(shape, spec)):
-        parts = 1
-        for a in _as_axes(entry):
-            parts *= mesh.shape[a]
+        parts = entry_parts(entry, mesh)
         if size % parts:
             name = logical[dim] if logical else None
             base = f"jlora.models.partitioning.{label.strip(chr(39)).upper()}" if label.strip("'") in PRESETS else label
             fix = (f"pass rules={{**{base}, {name!r}: None}} to keep it whole" if name
                    else "give it a rule that keeps that dim whole (None)")
             raise ValueError(f"{path} has shape {shape}, and its dim {dim} ({size}, logical axis {name!r}) is not "
-                             f"divisible by the mesh axes {_as_axes(entry)} of the {_mesh_str(mesh)}, "
+                             f"divisible by the mesh axes {entry_axes(entry)} of the {_mesh_str(mesh)}, "
                              f"{parts} devices, under rules {label}: {fix}, pad that dim to a multiple of {parts}, "
                              f"or use a mesh whose axis size divides {size}")
 
