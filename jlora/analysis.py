@@ -12,6 +12,8 @@ import numpy as np
 
 from jlora.interpreter import Context, eval_jaxpr, plain
 from jlora.layout import fitting_a_axes
+from jlora.paths import path_str
+from jlora.qarray import is_quantized
 from jlora.tracked import Leaf, Tracked
 
 
@@ -19,18 +21,26 @@ def _is_dynamic(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
 
 
+def _abstract(x):
+    """The float array a leaf stands for, as a ShapeDtypeStruct (a QuantizedArray: its logical shape and dtype)."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
 def check_arrays(variables):
-    """Raises a TypeError naming the first variables leaf that is not an array."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-        if not _is_dynamic(leaf):
+    """Raises a TypeError naming the first variables leaf that is neither an array nor a QuantizedArray."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_quantized)[0]:
+        if is_quantized(leaf):
+            leaf.check(path_str(path))
+        elif not _is_dynamic(leaf):
             raise TypeError(f"variables leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}, not an array")
 
 
 def run(fn, variables, args, kwargs, substitute, ctx: Context):
     """Evaluates `fn(variables, *args, **kwargs)` through the interpreter, with the variables' leaf i replaced by
-    `substitute(i, leaf)` (a Tracked or the leaf itself). Non-array args and kwargs leaves are static."""
+    `substitute(i, leaf)` (a Tracked or the leaf itself). Non-array args and kwargs leaves are static. A
+    `QuantizedArray` leaf counts as one leaf: `fn` is traced with the float array it stands for."""
     check_arrays(variables)
-    var_leaves, var_tree = jax.tree_util.tree_flatten(variables)
+    var_leaves, var_tree = jax.tree_util.tree_flatten(variables, is_leaf=is_quantized)
     arg_leaves, arg_tree = jax.tree_util.tree_flatten((args, kwargs))
     dyn = [i for i, x in enumerate(arg_leaves) if _is_dynamic(x)]
 
@@ -42,7 +52,8 @@ def run(fn, variables, args, kwargs, substitute, ctx: Context):
         return fn(jax.tree_util.tree_unflatten(var_tree, var_vals), *a, **k)
 
     dyn_vals = [arg_leaves[i] for i in dyn]
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(var_leaves, dyn_vals)
+    traced = [_abstract(x) if is_quantized(x) else x for x in var_leaves]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(traced, dyn_vals)
     inputs = [substitute(i, leaf) for i, leaf in enumerate(var_leaves)] + dyn_vals
     outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs, ctx)
     outs = [plain(ctx, o, "output") for o in outs]
@@ -71,7 +82,7 @@ def analyse(fn, variables, args, kwargs, targets: dict[int, str]) -> dict[int, l
     """Records, per targeted leaf index, the consumers it reaches: [(kind, info), ...]."""
     check_arrays(variables)
     ctx = Context(records={})
-    leaves = jax.tree_util.tree_leaves(variables)
+    leaves, treedef = jax.tree_util.tree_flatten(variables, is_leaf=is_quantized)
 
     def substitute(i, leaf):
         if i not in targets:
@@ -80,9 +91,9 @@ def analyse(fn, variables, args, kwargs, targets: dict[int, str]) -> dict[int, l
         return Tracked(leaf, None, None, axes=axes, removed=frozenset(),
                        leaf=Leaf(targets[i], i, tuple(leaf.shape)))
 
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), leaves)
-    jax.eval_shape(lambda v: run(fn, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(variables), v),
-                                 args, kwargs, substitute, ctx), abstract)
+    abstract = [_abstract(x) for x in leaves]
+    jax.eval_shape(lambda v: run(fn, jax.tree_util.tree_unflatten(treedef, v), args, kwargs, substitute, ctx),
+                   abstract)
     return ctx.records
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from jlora import layout
 from jlora.config import LoraConfig
 from jlora.paths import flatten_adapters, path_str
+from jlora.qarray import is_quantized
 from jlora.transform import as_variables
 
 SAMPLE = 4096
@@ -33,11 +34,25 @@ DIGEST = f"strided{SAMPLE}-sha256"
 
 
 def _spec(x) -> dict:
-    return {"shape": [int(d) for d in x.shape], "dtype": jnp.dtype(x.dtype).name}
+    """Shape and dtype (of the float array a `QuantizedArray` stands for), and for one its quantization."""
+    spec = {"shape": [int(d) for d in x.shape], "dtype": jnp.dtype(x.dtype).name}
+    if is_quantized(x):
+        spec["quant"] = {"qtype": x.qtype, "block_size": x.block_size, "double_quant": x.double_quant}
+    return spec
 
 
-def _text(spec: dict) -> str:
-    return f"{tuple(spec['shape'])} {spec['dtype']}"
+def _key(spec: dict) -> tuple:
+    return tuple(spec["shape"]), spec["dtype"], spec.get("quant")
+
+
+def _text(spec: dict, other: dict | None = None) -> str:
+    """`(11, 19) float32`, with `(quantized nf4, block_size 64)` or, where `other` is quantized, `(not quantized)`."""
+    q = spec.get("quant")
+    if q is None and (other or {}).get("quant") is None:
+        return f"{tuple(spec['shape'])} {spec['dtype']}"
+    how = "not quantized" if q is None else (f"quantized {q['qtype']}, block_size {q['block_size']}"
+                                             + (", double_quant" if q.get("double_quant") else ""))
+    return f"{tuple(spec['shape'])} {spec['dtype']} ({how})"
 
 
 def _indices(n: int) -> np.ndarray:
@@ -82,6 +97,14 @@ def _sample(x) -> np.ndarray:
 def digest(x) -> str | None:
     """`"strided4096-sha256:<64 hex>"` for an array `x` of any shape and dtype (see the module docstring), or None
     for a leaf without values (a `jax.ShapeDtypeStruct`)."""
+    if is_quantized(x):  # its stored codes and scales, sampled the same way
+        parts = [c for c in (x.values, x.scales) if c is not None]
+        if any(digest(c) is None for c in parts):
+            return None
+        h = hashlib.sha256(f"{tuple(x.shape)}|{x.dtype}|{x.qtype}|{x.block_size}|".encode())
+        for c in parts:
+            h.update(np.ascontiguousarray(_sample(c)).tobytes())
+        return f"{DIGEST}:{h.hexdigest()}"
     if isinstance(x, jax.ShapeDtypeStruct) or not hasattr(x, "__array__"):
         return None
     h = hashlib.sha256(f"{tuple(int(d) for d in x.shape)}|{jnp.dtype(x.dtype).name}|".encode())
@@ -91,7 +114,8 @@ def digest(x) -> str | None:
 
 def _slots(variables) -> dict[str, Any]:
     """`{path: leaf}` over `variables`, None slots (leaves trained in full, in a frozen tree) included."""
-    flat = jax.tree_util.tree_flatten_with_path(as_variables(variables), is_leaf=lambda x: x is None)[0]
+    flat = jax.tree_util.tree_flatten_with_path(as_variables(variables),
+                                                is_leaf=lambda x: x is None or is_quantized(x))[0]
     return {path_str(p): x for p, x in flat}
 
 
@@ -110,6 +134,8 @@ def _base_leaves(variables, pairs, full) -> tuple[dict[str, Any], list[str]]:
 def fingerprint(variables, adapters) -> dict[str, dict]:
     """`{path: {"shape": [in, out], "dtype": "float32", "digest": "strided4096-sha256:<hex>" | None}}`, sorted by
     path, JSON-able: the base parameter at every path that has an adapter (a lora pair or a leaf trained in full).
+    A quantized base weight (`QuantizedArray`) also records `"quant": {"qtype", "block_size", "double_quant"}`,
+    its shape and dtype are those of the float array it stands for, and its digest samples its stored codes.
 
     `variables` is the full variables tree or the frozen one (or an NNX State). `digest` is the content digest of
     the base weight under a lora pair (see the module docstring; a few microseconds per weight), and None for a leaf
@@ -133,16 +159,18 @@ def check_base(meta: dict, config: LoraConfig, variables, where: str, check_weig
     full = set(arrays) - {f"{p}/{k}" for p in pairs for k in ("lora_a", "lora_b")}
     leaves, missing = _base_leaves(variables, pairs, full)
     problems = [f"{p}: missing from the variables" for p in missing]
-    content = []
+    content, requant = [], False
     for path, leaf in leaves.items():
         if leaf is None:  # a None slot of a frozen tree: the saved array is the base
             continue
         spec = _spec(leaf)
         if base is not None:
             saved = base.get(path)
-            if saved is None or [saved["shape"], saved["dtype"]] != [spec["shape"], spec["dtype"]]:
-                was = "not recorded" if saved is None else _text(saved)
-                problems.append(f"{path}: saved base {was}, variables have {_text(spec)}")
+            if saved is None or _key(saved) != _key(spec):
+                was = "not recorded" if saved is None else _text(saved, spec)
+                problems.append(f"{path}: saved base {was}, variables have {_text(spec, saved)}")
+                if saved is not None and saved.get("quant") != spec.get("quant"):
+                    requant = True
             elif check_weights and saved.get("digest") is not None:
                 content += _content_problem(path, leaf, saved["digest"])
         elif path in full:
@@ -159,6 +187,11 @@ def check_base(meta: dict, config: LoraConfig, variables, where: str, check_weig
                 "dtypes: another fine-tune, or a differently converted copy, of this architecture). Load onto the "
                 "base the adapters were trained on, or pass check_weights=False to compare only shapes and dtypes."
                 if content else "")
+        if requant:
+            hint += ("\nThe base is quantized differently from the one the adapters were trained on: quantize it as "
+                     "the saved base says (jlora.quantize(frozen, qtype=..., block_size=..., double_quant=...)); to "
+                     "apply them to another base on purpose (e.g. the float weights a QLoRA base was quantized "
+                     "from), load them without variables= and check the result yourself")
         raise ValueError(f"the checkpoint at {where} does not fit these variables (base fingerprint differs):\n  "
                          + "\n  ".join(problems + content) + hint)
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora.deferred import value
 from jlora.interpreter import bind, plain
 from jlora.lowrank import adapted_matmul
 from jlora.tracked import Tracked
@@ -72,7 +73,7 @@ def _plain_layer(x, xd, t: Tracked, k: int, f1, f1_order, f2, kw):
     rows = x.shape[: x.ndim - k]
     x2, xd2 = (v.reshape(math.prod(rows), -1) for v in (x, xd))  # shape=(rows, in)
     a2, b2, cols = _factor_matrices(f1, f1_order, f2, x2.shape[1])
-    w2 = t.w.reshape(x2.shape[1], -1)  # shape=(in, out)
+    w2 = value(t.w.reshape(x2.shape[1], -1))  # shape=(in, out)
     out = adapted_matmul(x2, xd2, w2, a2, b2, t.leaf.scale, kw["precision"], kw["preferred_element_type"])
     return out.reshape(rows + cols)
 

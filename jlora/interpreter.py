@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Literal
 
+from jlora.deferred import Deferred, consume, value
 from jlora.tracked import Tracked
 
 
@@ -51,7 +52,8 @@ class Context:
 
 
 def bind(eqn, invals):
-    """`eqn`'s primitive applied to `invals`, as `jax.core.eval_jaxpr` does it."""
+    """`eqn`'s primitive applied to `invals`, as `jax.core.eval_jaxpr` does it (a `Deferred` one dequantized)."""
+    invals = [value(v) for v in invals]
     params = eqn.primitive.get_bind_params(eqn.params)
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **params)
@@ -70,7 +72,9 @@ def _user_stacklevel() -> int:
 
 
 def plain(ctx: Context, value, prim: str):
-    """A plain array for `value`, materialising a Tracked one (the fallback path)."""
+    """A plain array for `value`, materialising a Tracked one (the fallback path) or dequantizing a Deferred one."""
+    if isinstance(value, Deferred):
+        return value.value()
     if not isinstance(value, Tracked):
         return value
     if value.analysis:
@@ -106,16 +110,52 @@ def eval_jaxpr(jaxpr, consts, args, ctx: Context) -> list:
         env[var] = val
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(isinstance(v, Tracked) for v in invals):
-            rule = STRUCTURAL.get(eqn.primitive.name) or CONSUMERS.get(eqn.primitive.name)
-            outs = rule(ctx, eqn, invals) if rule else None
-            if outs is None:
-                outs = fallback(ctx, eqn, invals)
+        if any(isinstance(v, (Tracked, Deferred)) for v in invals):
+            name = eqn.primitive.name
+            if name in STRUCTURAL:
+                outs = STRUCTURAL[name](ctx, eqn, invals)
+                outs = fallback(ctx, eqn, invals) if outs is None else outs
+            elif any(_quantized(v) for v in invals):
+                outs = _dequantizing(CONSUMERS.get(name), ctx, eqn, invals)
+            else:
+                outs = _consume(CONSUMERS.get(name), ctx, eqn, invals)
         else:
             outs = bind(eqn, invals)
         for var, val in zip(eqn.outvars, outs):
             env[var] = val
     return [read(v) for v in jaxpr.outvars]
+
+
+def _consume(rule, ctx, eqn, invals):
+    """The consumer `rule`'s outputs (None: no rule, or it declines), else the fallback."""
+    outs = rule(ctx, eqn, invals) if rule and any(isinstance(v, Tracked) for v in invals) else None
+    return fallback(ctx, eqn, invals) if outs is None else outs
+
+
+def _quantized(v) -> bool:
+    return isinstance(v, Deferred) or (isinstance(v, Tracked) and isinstance(v.w, Deferred))
+
+
+def _dequantizing(rule, ctx, eqn, invals):
+    """`_consume` with the quantized weights dequantized at this consumer and, differentiated, again in the
+    backward pass (`jlora.deferred.consume`) rather than kept alive in between."""
+    lazy = [i for i, v in enumerate(invals) if isinstance(v, (Tracked, Deferred))]
+    arrays = [i for i, v in enumerate(invals) if i not in lazy and isinstance(v, jax.Array)]
+    start = ctx.count
+
+    def run(parts, others):
+        vals = list(invals)
+        for i, v in [*zip(lazy, parts), *zip(arrays, others)]:
+            vals[i] = v
+        sub = dataclasses.replace(ctx, count=start)  # the same dropout keys when the backward pass re-traces it
+        with warnings.catch_warnings():
+            if ctx.count != start:  # a re-trace: its fallback warning was given the first time
+                warnings.simplefilter("ignore", FactoredFallbackWarning)
+            outs = _consume(rule, sub, eqn, vals)
+        ctx.count = sub.count
+        return list(outs)
+
+    return consume(run, [invals[i] for i in lazy], [invals[i] for i in arrays])
 
 
 def _plain_outs(ctx, outs, prim):
@@ -184,6 +224,12 @@ def _scan_slice(ctx, t: Tracked):
     return (t.w, jnp.moveaxis(t.a, ia, 0), jnp.moveaxis(t.b, ib, 0)), atom
 
 
+def _stack(w):
+    """A scanned base weight as scan `xs` and the rebuild of one step's slice: a Deferred one by its blocks."""
+    split = w.split_leading() if isinstance(w, Deferred) else None
+    return split if split is not None else (value(w), None)
+
+
 def _scan(ctx, eqn, invals):
     p = eqn.params
     n_consts, n_carry = p["num_consts"], p["num_carry"]
@@ -192,12 +238,18 @@ def _scan(ctx, eqn, invals):
     xs, rebuild = [], []
     for x in invals[n_consts + n_carry :]:
         packed = _scan_slice(ctx, x) if isinstance(x, Tracked) else None
-        if packed is None:
+        if packed is not None:
+            (w, a, b), atom = packed
+            w, unpack = _stack(w)
+            xs.append((w, a, b))
+            rebuild.append((x, atom, unpack))
+        elif isinstance(x, Deferred):
+            stacked, unpack = _stack(x)
+            xs.append(stacked)
+            rebuild.append(unpack)
+        else:
             xs.append(plain(ctx, x, "scan"))
             rebuild.append(None)
-        else:
-            xs.append(packed[0])
-            rebuild.append((x, packed[1]))
     keys = jax.random.split(ctx.next_key(), p["length"]) if ctx.key is not None else None
     closed = p["jaxpr"]
 
@@ -207,9 +259,12 @@ def _scan(ctx, eqn, invals):
         for x, how in zip(x_slices, rebuild):
             if how is None:
                 args.append(x)
+            elif callable(how):  # a Deferred weight's blocks for this step
+                args.append(how(x))
             else:
-                t, atom = how
+                t, atom, unpack = how
                 w, a, b = x
+                w = w if unpack is None else unpack(w)
                 args.append(t.replace(w=w, a=a, b=b, axes=t.axes[1:], removed=t.removed | {atom}))
         sub = ctx.child(key) if key is not None else dataclasses.replace(ctx, key=None)
         outs = _plain_outs(ctx, eval_jaxpr(closed.jaxpr, closed.consts, [*consts, *c, *args], sub), "scan")

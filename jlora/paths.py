@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.config import LoraConfig, _suffix_match, path_matches
+from jlora.qarray import is_quantized
 
 LORA_KEYS = ("lora_a", "lora_b")
 
@@ -30,8 +31,9 @@ def path_str(path) -> str:
 
 
 def named_leaves(tree, *, with_none: bool = False) -> list[tuple[str, Any]]:
-    """`[(path, leaf), ...]` in flattening order; `with_none` keeps None leaves (the holes of a frozen tree)."""
-    is_leaf = (lambda x: x is None) if with_none else None
+    """`[(path, leaf), ...]` in flattening order; `with_none` keeps None leaves (the holes of a frozen tree). A
+    `QuantizedArray` is one leaf."""
+    is_leaf = (lambda x: x is None or is_quantized(x)) if with_none else is_quantized
     return [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,63 +28,12 @@ import numpy as np
 from jlora import quant_codes as qc
 from jlora.config import path_matches
 from jlora.paths import path_str
+from jlora.qarray import QuantizedArray, is_quantized
 
 DEFAULT_NAMES = ("kernel", "weight", "embedding")
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QuantizedArray:
-    """A blockwise-quantized array; a pytree node, so it lives inside frozen trees, jit and eval_shape.
-
-    Children (leaves): `values`, the stored codes, flat: uint8 (size // 2,) for nf4/int4 (two per byte), int8
-    (size,) for int8, float8_e4m3fn (size,) for fp8; `scales`, float32 (size // block_size,) per-block absmax, or
-    with double quantization int8 codes of them, with `scale_scales` float32 (ceil(num_blocks / 256),) and
-    `scale_offset` float32 () (both None without double quantization).
-    Static aux data: `shape` and `dtype` (name) of the original array, `qtype`, `block_size`."""
-
-    values: Any
-    scales: Any
-    scale_scales: Any = None
-    scale_offset: Any = None
-    shape: tuple[int, ...] = dataclasses.field(default=(), metadata={"static": True})
-    dtype: str = dataclasses.field(default="float32", metadata={"static": True})
-    qtype: str = dataclasses.field(default="nf4", metadata={"static": True})
-    block_size: int = dataclasses.field(default=64, metadata={"static": True})
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def double_quant(self) -> bool:
-        return self.scale_scales is not None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the stored children (works when they are `jax.ShapeDtypeStruct`s, e.g. under eval_shape)."""
-        return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(self))
-
-    def dequantize(self, dtype=None):
-        """The float array, shape `self.shape`, dtype `dtype` or the original one; traceable (works inside jit)."""
-        absmax = self.scales
-        if self.double_quant:
-            absmax = qc.double_dequantize(self.scales, self.scale_scales, self.scale_offset)
-        codes = qc.load(self.values, self.qtype).reshape(-1, self.block_size)
-        out = qc.decode(codes, absmax, self.qtype)
-        return out.reshape(self.shape).astype(dtype or self.dtype)
-
-    def __repr__(self):
-        dq = ", double_quant" if self.double_quant else ""
-        return f"QuantizedArray({self.qtype}, shape={self.shape}, dtype={self.dtype}, block_size={self.block_size}{dq})"
-
-
-def _is_q(x) -> bool:
-    return isinstance(x, QuantizedArray)
+_is_q = is_quantized
 
 
 def _check_options(qtype, block_size):
@@ -198,3 +146,21 @@ def quantize(variables, *, qtype: str = "nf4", block_size: int = 64, targets=Non
 def dequantize(tree, dtype=None):
     """`tree` with every `QuantizedArray` replaced by its float array (its original dtype, or `dtype`)."""
     return jax.tree.map(lambda x: x.dequantize(dtype) if _is_q(x) else x, tree, is_leaf=_is_q)
+
+
+def requantize_like(q: QuantizedArray, x) -> QuantizedArray:
+    """`x` (a float array of `q.shape`) quantized as `q` is: same qtype, block size, double quantization, layout.
+    GGUF qtypes are encoded on the host by the `gguf` package (`jlora.quant_gguf.encode`)."""
+    if tuple(x.shape) != tuple(q.shape):
+        raise ValueError(f"requantize_like: an array of shape {tuple(x.shape)} cannot take the place of a "
+                         f"QuantizedArray of shape {q.shape}")
+    stored = x if q.perm is None else jnp.transpose(x, np.argsort(q.perm))
+    if q.qtype in qc.QTYPES:
+        out = _quantize_jit(stored, q.qtype, q.block_size, q.double_quant)
+    else:
+        from jlora import quant_gguf
+
+        blocks = np.asarray(stored, np.float32).reshape(-1, q.block_size)
+        out = QuantizedArray(jnp.asarray(quant_gguf.encode(blocks, q.qtype)), None, qtype=q.qtype,
+                             block_size=q.block_size)
+    return dataclasses.replace(out, shape=tuple(q.shape), dtype=q.dtype, perm=q.perm)

@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jlora.config import LoraConfig
 from jlora.layout import read_layout
 from jlora.paths import flatten_adapters, path_str
+from jlora.qarray import is_quantized
 
 
 def adapter_shardings(variables, adapters, *, config=None, mesh=None):
@@ -157,7 +158,7 @@ def _base_leaves(variables) -> dict:
                         f"nnx.state(model)")
 
     def is_leaf(x):
-        return x is None or isinstance(x, (meta.AxisMetadata, nnx.Variable))
+        return x is None or is_quantized(x) or isinstance(x, (meta.AxisMetadata, nnx.Variable))
 
     out = {}
     for p, leaf in jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_leaf)[0]:

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora.deferred import value
 from jlora.layout import Layout
 
 R = -1  # the label of the rank axis among atom labels
@@ -37,6 +38,7 @@ class Tracked:
     """The value `w + scale * (a @ b)` viewed through structural ops. `axes[i]` lists the atoms of axis i."""
 
     def __init__(self, w, a, b, *, axes: tuple[tuple[int, ...], ...], removed: frozenset, leaf: Leaf):
+        # w: an array, or a jlora.deferred.Deferred (a quantized base, dequantized at the consumer)
         self.w, self.a, self.b = w, a, b  # a: shape=P'+A+(R,), b: shape=P'+(R,)+B (b fused-expanded)
         self.axes, self.removed, self.leaf = axes, removed, leaf
 
@@ -94,11 +96,11 @@ class Tracked:
         order = [t for ax in self.axes for t in ax]
         d = jnp.einsum(self.a.astype(jnp.float32), la, self.b.astype(jnp.float32), lb, order,
                        precision=jax.lax.Precision.HIGHEST)
-        return self.w + (self.leaf.scale * d).reshape(self.w.shape).astype(self.w.dtype)
+        return value(self.w) + (self.leaf.scale * d).reshape(self.w.shape).astype(self.w.dtype)
 
     # --- structural ops -----------------------------------------------------------------------------------
     def transpose(self, perm) -> Tracked:
-        return self.replace(w=jnp.transpose(self.w, perm), axes=tuple(self.axes[p] for p in perm))
+        return self.replace(w=self.w.transpose(perm), axes=tuple(self.axes[p] for p in perm))
 
     def astype(self, dtype) -> Tracked:
         return self.replace(w=self.w.astype(dtype))

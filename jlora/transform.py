@@ -11,10 +11,12 @@ import jax.numpy as jnp
 
 from jlora import analysis, layout
 from jlora.config import LoraConfig
+from jlora.deferred import Deferred
 from jlora.interpreter import Context
 from jlora.nnx_module import NnxFunction, thread
 from jlora.partition import combine, split
 from jlora.paths import flatten_adapters, named_leaves, nest, select_targets
+from jlora.qarray import is_quantized
 from jlora.sharding import place
 from jlora.tracked import Leaf, Tracked
 from jlora.validate import check_adapters, warn_rank
@@ -132,10 +134,12 @@ class LoraTransform:
                                      self.config.fused_for(path))
             leaf = Leaf(path, index[path], tuple(w.shape), lay, self.config.scale_for(path), self.config.dropout)
             axes = tuple((k,) for k in range(w.ndim))
-            tracked[index[path]] = Tracked(w, pair["lora_a"], layout.fused_b(pair["lora_b"], lay), axes=axes,
+            base = Deferred(w) if is_quantized(w) else w  # a quantized base is dequantized at its consumer
+            tracked[index[path]] = Tracked(base, pair["lora_a"], layout.fused_b(pair["lora_b"], lay), axes=axes,
                                            removed=frozenset(), leaf=leaf)
         ctx = Context(strict=self.strict, key=dropout_key)
-        out = analysis.run(self.fn, variables, args, kwargs, lambda i, x: tracked.get(i, x), ctx)
+        out = analysis.run(self.fn, variables, args, kwargs,
+                           lambda i, x: tracked.get(i, Deferred(x) if is_quantized(x) else x), ctx)
         if isinstance(self.fn, NnxFunction):  # (y, the variables the call wrote) -> (y, the new frozen tree)
             return out[0], thread(frozen, out[1], self.fn.kinds())
         return out

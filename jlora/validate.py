@@ -17,6 +17,7 @@ import jax
 from jlora.config import LoraConfig
 from jlora.layout import Layout, read_layout
 from jlora.paths import flatten_adapters, named_leaves, path_str, select_targets, trained_in_full
+from jlora.qarray import is_quantized
 
 FIX = ("use the config saved with the adapters: adapters, config = load_adapters(...); lora = lora_transform(fn, "
        "config) (or re-run lora.init with this config)")
@@ -106,6 +107,9 @@ def check_adapters(variables, adapters, config: LoraConfig) -> None:
     check_pairs(adapters, config)
     pairs, full = flatten_adapters(adapters)
     leaves = dict(named_leaves(_pure(variables), with_none=True))
+    for path, leaf in leaves.items():
+        if is_quantized(leaf):
+            leaf.check(path)
     unknown = sorted(p for p in set(pairs) | set(full) if p not in leaves)
     if unknown:
         raise ValueError(f"adapters at {unknown} have no parameter of that path in the variables; were they made "
