@@ -114,7 +114,8 @@ def _dot_general(ctx, eqn, invals):
     kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
     matrix = not lb and sorted(sel1) == sorted(t_contract) and set(groups) <= {"A", "B"}
     k = len(t_contract)
-    if matrix and side == 1 and tuple(t_contract) == tuple(range(k)) and tuple(lc) == tuple(range(x.ndim - k, x.ndim)):
+    plain_layer = side == 1 and tuple(t_contract) == tuple(range(k)) and tuple(lc) == tuple(range(x.ndim - k, x.ndim))
+    if matrix and plain_layer and not ctx.routed:  # routed: [W; B] would copy W per example
         out = _plain_layer(x, xd, t, k, f1, [sel1.index(i) for i in t_contract], f2, kw)
         aval = eqn.outvars[0].aval
         if out.shape == aval.shape and out.dtype == aval.dtype:

@@ -1,7 +1,8 @@
 """A jaxpr interpreter that evaluates a function with some weights replaced by `Tracked` LoRA values.
 
 Equations without a `Tracked` input are bound as they are. Structural ops (transpose, reshape, cast) are followed;
-`jit` calls are inlined; `scan`, `cond` and `remat` are re-issued with their bodies interpreted; consumers
+`jit` calls are inlined; `scan`, `cond` and `remat` are re-issued with their bodies interpreted (jlora.control);
+a quantized weight (`jlora.deferred.Deferred`) is dequantized at its consumer; consumers
 (`dot_general`, `conv_general_dilated`, `gather`) run factored (jlora.consumers). Anything else falls back to the
 materialised `W + scale * a @ b`, with a warning naming the parameter and the primitive (an error with strict).
 """
@@ -9,7 +10,6 @@ materialised `W + scale * a @ b`, with a warning naming the parameter and the pr
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import os
 import sys
@@ -17,8 +17,6 @@ import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from jax import lax
 from jax.extend.core import Literal
 
 from jlora.deferred import Deferred, consume, value
@@ -37,6 +35,7 @@ class Context:
     records: dict[int, list] | None = None  # analysis mode: leaf index -> [(kind, info), ...]
     key: Any = None
     count: int = 0
+    routed: bool = False  # inside a per-example consumer of routed adapters (jlora.routing)
 
     def next_key(self):
         """A fresh key for one use: `fold_in(dropout_key, n)` for the n-th LoRA branch traced."""
@@ -44,7 +43,7 @@ class Context:
         return jax.random.fold_in(self.key, self.count)
 
     def child(self, key) -> Context:
-        return Context(self.strict, self.records, key)
+        return Context(self.strict, self.records, key, routed=self.routed)
 
     def record(self, t: Tracked, kind: str, info):
         if self.records is not None:
@@ -77,6 +76,10 @@ def plain(ctx: Context, value, prim: str):
         return value.value()
     if not isinstance(value, Tracked):
         return value
+    if value.route is not None:
+        raise ValueError(f"jlora: per-row routing: the parameter {value.leaf.path!r} {value.leaf.shape} reaches "
+                         f"`{prim}`, which is not a consumer jlora computes factored (dot, gather, conv), so it has no "
+                         f"per-row form; route only weights that are used by those (check with lora.consumers)")
     if value.analysis:
         ctx.record(value, "fallback", prim)
         return value.w
@@ -98,6 +101,7 @@ def fallback(ctx, eqn, invals):
 def eval_jaxpr(jaxpr, consts, args, ctx: Context) -> list:
     """Evaluates an open `jaxpr` on `args`, any of which may be `Tracked`."""
     from jlora.consumers import CONSUMERS
+    from jlora.control import CONTROL
 
     env: dict = {}
 
@@ -112,8 +116,8 @@ def eval_jaxpr(jaxpr, consts, args, ctx: Context) -> list:
         invals = [read(v) for v in eqn.invars]
         if any(isinstance(v, (Tracked, Deferred)) for v in invals):
             name = eqn.primitive.name
-            if name in STRUCTURAL:
-                outs = STRUCTURAL[name](ctx, eqn, invals)
+            if name in STRUCTURAL or name in CONTROL:
+                outs = (STRUCTURAL.get(name) or CONTROL[name])(ctx, eqn, invals)
                 outs = fallback(ctx, eqn, invals) if outs is None else outs
             elif any(_quantized(v) for v in invals):
                 outs = _dequantizing(CONSUMERS.get(name), ctx, eqn, invals)
@@ -127,7 +131,12 @@ def eval_jaxpr(jaxpr, consts, args, ctx: Context) -> list:
 
 
 def _consume(rule, ctx, eqn, invals):
-    """The consumer `rule`'s outputs (None: no rule, or it declines), else the fallback."""
+    """The consumer `rule`'s outputs (None: no rule, or it declines), else the fallback; per example for routed
+    adapters (`jlora.routing`)."""
+    if any(isinstance(v, Tracked) and v.route is not None for v in invals):
+        from jlora.routing import routed
+
+        return routed(rule, ctx, eqn, invals)
     outs = rule(ctx, eqn, invals) if rule and any(isinstance(v, Tracked) for v in invals) else None
     return fallback(ctx, eqn, invals) if outs is None else outs
 
@@ -192,89 +201,6 @@ def _closed_call(ctx, eqn, invals):
     return eval_jaxpr(closed.jaxpr, closed.consts, invals, ctx)
 
 
-def _remat(ctx, eqn, invals):
-    p = eqn.params
-
-    def body(*args):
-        return _plain_outs(ctx, eval_jaxpr(p["jaxpr"], (), args, ctx), "remat")
-
-    return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
-
-
-def _cond(ctx, eqn, invals):
-    index, *ops = invals
-
-    def branch(closed, *args):
-        return _plain_outs(ctx, eval_jaxpr(closed.jaxpr, closed.consts, args, ctx), "cond")
-
-    return list(lax.switch(index, [functools.partial(branch, br) for br in eqn.params["branches"]], *ops))
-
-
-def _scan_slice(ctx, t: Tracked):
-    """Packs a Tracked scanned over its leading axis as arrays with that axis first, or None if it cannot be."""
-    if len(t.axes[0]) != 1:
-        return None
-    atom = t.axes[0][0]
-    if t.analysis:
-        ctx.record(t, "slice", atom)
-        return (t.w, None, None), atom
-    if t.group(atom) != "P":
-        return None
-    ia, ib = t.labels("a").index(atom), t.labels("b").index(atom)
-    return (t.w, jnp.moveaxis(t.a, ia, 0), jnp.moveaxis(t.b, ib, 0)), atom
-
-
-def _stack(w):
-    """A scanned base weight as scan `xs` and the rebuild of one step's slice: a Deferred one by its blocks."""
-    split = w.split_leading() if isinstance(w, Deferred) else None
-    return split if split is not None else (value(w), None)
-
-
-def _scan(ctx, eqn, invals):
-    p = eqn.params
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
-    consts = invals[:n_consts]
-    carry = _plain_outs(ctx, invals[n_consts : n_consts + n_carry], "scan carry")
-    xs, rebuild = [], []
-    for x in invals[n_consts + n_carry :]:
-        packed = _scan_slice(ctx, x) if isinstance(x, Tracked) else None
-        if packed is not None:
-            (w, a, b), atom = packed
-            w, unpack = _stack(w)
-            xs.append((w, a, b))
-            rebuild.append((x, atom, unpack))
-        elif isinstance(x, Deferred):
-            stacked, unpack = _stack(x)
-            xs.append(stacked)
-            rebuild.append(unpack)
-        else:
-            xs.append(plain(ctx, x, "scan"))
-            rebuild.append(None)
-    keys = jax.random.split(ctx.next_key(), p["length"]) if ctx.key is not None else None
-    closed = p["jaxpr"]
-
-    def body(c, inputs):
-        x_slices, key = inputs
-        args = []
-        for x, how in zip(x_slices, rebuild):
-            if how is None:
-                args.append(x)
-            elif callable(how):  # a Deferred weight's blocks for this step
-                args.append(how(x))
-            else:
-                t, atom, unpack = how
-                w, a, b = x
-                w = w if unpack is None else unpack(w)
-                args.append(t.replace(w=w, a=a, b=b, axes=t.axes[1:], removed=t.removed | {atom}))
-        sub = ctx.child(key) if key is not None else dataclasses.replace(ctx, key=None)
-        outs = _plain_outs(ctx, eval_jaxpr(closed.jaxpr, closed.consts, [*consts, *c, *args], sub), "scan")
-        return outs[:n_carry], outs[n_carry:]
-
-    c, ys = lax.scan(body, carry, (xs, keys), length=p["length"], reverse=p["reverse"], unroll=p["unroll"],
-                     _split_transpose=p.get("_split_transpose", False))
-    return [*c, *ys]
-
-
 STRUCTURAL = {
     "transpose": _transpose,
     "convert_element_type": _convert,
@@ -284,8 +210,4 @@ STRUCTURAL = {
     "jit": _jit,
     "pjit": _jit,
     "closed_call": _closed_call,
-    "remat2": _remat,
-    "checkpoint": _remat,
-    "cond": _cond,
-    "scan": _scan,
 }

@@ -37,21 +37,23 @@ class Leaf:
 class Tracked:
     """The value `w + scale * (a @ b)` viewed through structural ops. `axes[i]` lists the atoms of axis i."""
 
-    def __init__(self, w, a, b, *, axes: tuple[tuple[int, ...], ...], removed: frozenset, leaf: Leaf):
-        # w: an array, or a jlora.deferred.Deferred (a quantized base, dequantized at the consumer)
-        self.w, self.a, self.b = w, a, b  # a: shape=P'+A+(R,), b: shape=P'+(R,)+B (b fused-expanded)
+    def __init__(self, w, a, b, *, axes: tuple[tuple[int, ...], ...], removed: frozenset, leaf: Leaf, route=None):
+        # w: an array, or a jlora.deferred.Deferred (a quantized base, dequantized at the consumer);
+        # route: None, or int (batch,) adapter indices, a and b then stacked on a leading adapter axis (jlora.routing)
+        self.w, self.a, self.b, self.route = w, a, b, route  # a: shape=P'+A+(R,), b: shape=P'+(R,)+B (b fused-expanded)
         self.axes, self.removed, self.leaf = axes, removed, leaf
 
     def tree_flatten(self):
-        return (self.w, self.a, self.b), (self.axes, self.removed, self.leaf)
+        return (self.w, self.a, self.b, self.route), (self.axes, self.removed, self.leaf)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, axes=aux[0], removed=aux[1], leaf=aux[2])
+        w, a, b, route = children
+        return cls(w, a, b, axes=aux[0], removed=aux[1], leaf=aux[2], route=route)
 
     def replace(self, **kw) -> Tracked:
         fields: dict[str, Any] = dict(w=self.w, a=self.a, b=self.b, axes=self.axes, removed=self.removed,
-                                      leaf=self.leaf)
+                                      leaf=self.leaf, route=self.route)
         fields.update(kw)
         return Tracked(fields.pop("w"), fields.pop("a"), fields.pop("b"), **fields)
 

@@ -121,8 +121,20 @@ class LoraTransform:
         `frozen` is the given frozen tree (a pure dict, same structure) with the state the call wrote (RNG counts
         of `nnx.Dropout`, BatchNorm statistics), to pass to the next call; `nnx.update(model, merge(frozen,
         adapters, config))` puts it and the merged weights into the module."""
+        return self._run(frozen, adapters, args, kwargs, dropout_key, None)
+
+    def _run(self, frozen, adapters, args, kwargs, dropout_key, route):
+        """`apply`; with `route` (int (batch,)), `adapters`' pairs are stacked on a leading adapter axis and row i
+        takes adapter route[i] (`jlora.routing`; `jlora.multi` builds the stack and appends its zero adapter)."""
         frozen = as_variables(frozen)
-        check_adapters(frozen, adapters, self.config)  # shapes and paths only: at trace time under jit
+        one = adapters if route is None else jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype),
+                                                          adapters)
+        check_adapters(frozen, one, self.config)  # shapes and paths only: at trace time under jit
+        _, full = flatten_adapters(adapters)
+        if route is not None and full:
+            raise ValueError(f"per-row routing supports lora pairs only, but the adapters train {sorted(full)} in "
+                             f"full (bias / modules_to_save); route adapters made with bias='none' and no "
+                             f"modules_to_save")
         variables = combine(frozen, adapters)
         pairs, _ = flatten_adapters(adapters)
         named = named_leaves(variables)
@@ -130,13 +142,14 @@ class LoraTransform:
         tracked = {}
         for path, pair in pairs.items():
             w = named[index[path]][1]
-            lay = layout.read_layout(path, w.shape, pair["lora_a"].shape, pair["lora_b"].shape,
-                                     self.config.fused_for(path))
+            a, b = pair["lora_a"], pair["lora_b"]
+            lead = 0 if route is None else 1  # routed pairs: (adapters, ...)
+            lay = layout.read_layout(path, w.shape, a.shape[lead:], b.shape[lead:], self.config.fused_for(path))
             leaf = Leaf(path, index[path], tuple(w.shape), lay, self.config.scale_for(path), self.config.dropout)
             axes = tuple((k,) for k in range(w.ndim))
             base = Deferred(w) if is_quantized(w) else w  # a quantized base is dequantized at its consumer
-            tracked[index[path]] = Tracked(base, pair["lora_a"], layout.fused_b(pair["lora_b"], lay), axes=axes,
-                                           removed=frozenset(), leaf=leaf)
+            fb = layout.fused_b(b, lay) if route is None else jax.vmap(lambda b, lay=lay: layout.fused_b(b, lay))(b)
+            tracked[index[path]] = Tracked(base, a, fb, axes=axes, removed=frozenset(), leaf=leaf, route=route)
         ctx = Context(strict=self.strict, key=dropout_key)
         out = analysis.run(self.fn, variables, args, kwargs,
                            lambda i, x: tracked.get(i, Deferred(x) if is_quantized(x) else x), ctx)

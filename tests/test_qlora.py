@@ -253,3 +253,20 @@ def test_a_quantized_leaf_that_does_not_fit_its_shape_is_refused():
     swapped["params"]["up"]["kernel"] = frozen_q["params"]["down"]["kernel"]
     with pytest.raises(ValueError, match="params/up/kernel"):
         lora.apply(swapped, adapters, X)
+
+
+def test_lora_dropout_and_vmap_over_adapters_on_a_quantized_base():
+    config = jlora.LoraConfig(rank=7, alpha=14, targets=("up", "down"), dropout=0.3)
+    _, lora, frozen_q, adapters = _setup("int4", config=config)
+    frozen_f, key = jlora.dequantize(frozen_q), jax.random.key(9)
+
+    def loss(a, frozen):
+        return jnp.sum(lora.apply(frozen, a, X, dropout_key=key) ** 2)
+
+    # the backward pass re-traces each consumer: it must draw the forward pass's dropout masks
+    grad = jax.jit(jax.grad(loss))
+    chex.assert_trees_all_close(grad(adapters, frozen_q), grad(adapters, frozen_f), rtol=1e-4, atol=1e-4)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), adapters)
+    ys = jax.jit(jax.vmap(lambda a: lora.apply(frozen_q, a, X)))(stacked)
+    np.testing.assert_allclose(ys[1], lora.apply(frozen_f, jax.tree.map(lambda a: 2 * a, adapters), X),
+                               rtol=1e-4, atol=1e-4)
