@@ -115,3 +115,23 @@ def test_keras_section_runs_as_pasted():
         v.assign(merged[v.path])
     np.testing.assert_allclose(lora.apply(frozen, adapters, x), model(x), atol=1e-5)
     assert not np.allclose(base, model(x), atol=1e-3)
+
+
+def test_qlora_section_runs_as_pasted(capsys):
+    import jax
+    import numpy as np
+
+    import jlora
+
+    ns = _run_block(9, "jlora.quantize(frozen, qtype=\"nf4\"")
+    printed = capsys.readouterr().out
+    assert "QuantizedArray(nf4, shape=(64, 192), dtype=float32, block_size=64, double_quant)" in printed
+    frozen, adapters, lora, ids = ns["frozen"], ns["adapters"], ns["lora"], ns["ids"]
+    assert float(np.abs(adapters["params"]["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]["lora_b"]).max()) > 0
+    # the float merge equals the QLoRA model (bf16 rounding aside), and the saved fingerprint records nf4
+    np.testing.assert_allclose(ns["model"].apply(jlora.merge(frozen, adapters, lora.config), ids),
+                               jax.jit(lora.apply)(frozen, adapters, ids), rtol=1e-4, atol=1e-4)
+    assert ns["merged"]["params"]["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"].dtype == jax.numpy.bfloat16
+    assert ns["report"]["params/transformer/h/0/attn/c_attn/kernel"]["rms"] > 0
+    _, config = jlora.load_adapters("/tmp/jlora_qlora", variables=frozen)
+    assert config == lora.config
