@@ -35,7 +35,7 @@ def _apply_deltas(variables, adapters, config: LoraConfig, sign: float, dtype=No
         if requantize is None or q is None:
             return merged
         out = requantize_like(q, merged)
-        requantize[p] = _error_report(out.dequantize(jnp.float32) - merged, d)
+        requantize[p] = {**_error_report(out.dequantize(jnp.float32) - merged, d), "qtype": out.qtype}
         return out
 
     out = jax.tree_util.tree_map_with_path(update, variables, is_leaf=is_quantized)
@@ -68,16 +68,18 @@ def merge(frozen, adapters, config: LoraConfig, *, dtype=None):
     return _apply_deltas(combine(frozen, adapters), adapters, config, 1.0, dtype=dtype)
 
 
-def merge_requantized(frozen, adapters, config: LoraConfig) -> tuple[object, dict[str, dict[str, float]]]:
+def merge_requantized(frozen, adapters, config: LoraConfig) -> tuple[object, dict[str, dict]]:
     """`(merged, report)`: as `merge`, but each adapted `QuantizedArray` is requantized as it was (same qtype,
     block size, double quantization; GGUF blocks in their ggml type), other quantized leaves kept as they are.
     Requantizing adds error on top of the base's own: `report[path]` gives it relative to the delta the weight
-    had to carry, `{"max": max|err| / max|delta|, "rms": rms(err) / rms(delta), "delta_rms": rms(delta)}`, with
-    err = dequantize(requantized) - (dequantize(base) + delta). An rms ratio near or above 1 means the adapter's
-    update is mostly lost to the base's quantization step: merge to a float tree (`merge`) then. Not jit-able
-    (the report holds Python floats). Adapted leaves that are not quantized merge as in `merge`."""
+    had to carry, `{"max": max|err| / max|delta|, "rms": rms(err) / rms(delta), "delta_rms": rms(delta), "qtype":
+    the qtype written}`, with err = dequantize(requantized) - (dequantize(base) + delta). GGUF K-quants (q4_k,
+    q6_k, ...) are written in the nearest type the `gguf` package can encode (`jlora.quant_gguf.FALLBACK`). An
+    rms ratio near or above 1 means the adapter's update is mostly lost to the base's quantization step: merge to
+    a float tree (`merge`) then. Not jit-able (the report holds Python floats). Adapted leaves that are not
+    quantized merge as in `merge`."""
     check_adapters(frozen, adapters, config)
-    report: dict[str, dict[str, float]] = {}
+    report: dict[str, dict] = {}
     merged = _apply_deltas(combine(frozen, adapters), adapters, config, 1.0, requantize=report)
     return merged, dict(sorted(report.items()))
 

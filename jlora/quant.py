@@ -150,7 +150,8 @@ def dequantize(tree, dtype=None):
 
 def requantize_like(q: QuantizedArray, x) -> QuantizedArray:
     """`x` (a float array of `q.shape`) quantized as `q` is: same qtype, block size, double quantization, layout.
-    GGUF qtypes are encoded on the host by the `gguf` package (`jlora.quant_gguf.encode`)."""
+    GGUF qtypes are encoded on the host by the `gguf` package (`jlora.quant_gguf.encode`), which cannot write the
+    K-quants: those become `quant_gguf.FALLBACK[qtype]` (q4_k -> q4_1, q6_k -> q8_0, ...; check `.qtype`)."""
     if tuple(x.shape) != tuple(q.shape):
         raise ValueError(f"requantize_like: an array of shape {tuple(x.shape)} cannot take the place of a "
                          f"QuantizedArray of shape {q.shape}")
@@ -160,7 +161,8 @@ def requantize_like(q: QuantizedArray, x) -> QuantizedArray:
     else:
         from jlora import quant_gguf
 
-        blocks = np.asarray(stored, np.float32).reshape(-1, q.block_size)
-        out = QuantizedArray(jnp.asarray(quant_gguf.encode(blocks, q.qtype)), None, qtype=q.qtype,
-                             block_size=q.block_size)
+        qtype = q.qtype if q.qtype in quant_gguf.ENCODABLE else quant_gguf.FALLBACK[q.qtype]
+        size = quant_gguf.block_size(qtype)
+        blocks = np.asarray(stored, np.float32).reshape(-1, size)
+        out = QuantizedArray(jnp.asarray(quant_gguf.encode(blocks, qtype)), None, qtype=qtype, block_size=size)
     return dataclasses.replace(out, shape=tuple(q.shape), dtype=q.dtype, perm=q.perm)

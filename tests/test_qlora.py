@@ -270,3 +270,27 @@ def test_lora_dropout_and_vmap_over_adapters_on_a_quantized_base():
     ys = jax.jit(jax.vmap(lambda a: lora.apply(frozen_q, a, X)))(stacked)
     np.testing.assert_allclose(ys[1], lora.apply(frozen_f, jax.tree.map(lambda a: 2 * a, adapters), X),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_merge_requantized_on_gguf_k_quants_falls_back_to_a_type_gguf_can_write():
+    from tests.test_quant_gguf import random_blocks
+
+    q6 = QuantizedArray(jnp.asarray(random_blocks("q6_k", 3, np.random.default_rng(0), scale=1e-4)), None,
+                        shape=(256, 3), dtype="float32", qtype="q6_k", block_size=256, perm=(1, 0))
+    frozen = {"params": {"dense": {"kernel": q6, "bias": jnp.zeros((3,))}}}
+    config = jlora.LoraConfig(rank=2, alpha=4, targets=("dense",))
+    adapters = {"params": {"dense": {"kernel": {"lora_a": jnp.full((256, 2), 0.05), "lora_b": jnp.full((2, 3), 0.5)}}}}
+    merged_q, report = jlora.merge_requantized(frozen, adapters, config)
+    out = merged_q["params"]["dense"]["kernel"]
+    assert (out.qtype, out.block_size, out.perm, out.shape) == ("q8_0", 32, (1, 0), (256, 3))
+    assert report["params/dense/kernel"]["qtype"] == "q8_0" and report["params/dense/kernel"]["rms"] < 0.1
+    exact = jlora.merge(frozen, adapters, config)["params"]["dense"]["kernel"]
+    np.testing.assert_allclose(out.dequantize(), exact, atol=float(jnp.abs(exact).max()) / 100)
+
+
+def test_quantized_true_is_for_gguf_files(tmp_path):
+    from jlora.models import from_pretrained
+
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match=r"quantized=True keeps a GGUF file's llama.cpp blocks.*jlora.quantize"):
+        from_pretrained(tmp_path, quantized=True)

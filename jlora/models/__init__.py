@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jlora.models import bert, generation, gpt2, hf, llama, partitioning, shards
 from jlora.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from jlora.models.generation import cached_step, generate
+from jlora.models.gguf import write_gguf
 from jlora.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jlora.models.hf import UnusedTensorsWarning
 from jlora.models.llama import Llama, LlamaConfig
@@ -38,10 +39,18 @@ def from_pretrained(path_or_name: str | os.PathLike, *, dtype=jnp.float32, **kwa
     safetensors tensor is read by slices inside `jax.make_array_from_callback`, so each device receives only its
     shard (cast to `dtype` per slice) and no device holds the whole model (`jlora.models.shards`). A GGUF file is
     dequantized whole in host memory, then placed shard by shard; weights a checkpoint lacks (BERT's classifier
-    head) are initialised on one device, then placed. Without a mesh, arrays land on the default device."""
+    head) are initialised on one device, then placed. Without a mesh, arrays land on the default device.
+
+    `quantized=True` (GGUF files only) keeps each tensor stored in a llama.cpp block format jlora decodes (q4_0,
+    q4_1, q5_0, q5_1, q8_0, q2_k..q6_k) as a `jlora.QuantizedArray` of the file's bytes, dequantized in JAX where
+    `lora.apply` uses it (QLoRA on the file as it is); `jlora.models.gguf.write_gguf` writes a tree back."""
     path = hf.resolve(path_or_name)
     if Path(path).suffix == ".gguf":
         return llama.from_pretrained(path, dtype=dtype, **kwargs)
+    if kwargs.get("quantized"):
+        raise ValueError(f"{path}: quantized=True keeps a GGUF file's llama.cpp blocks, and this is not a .gguf file; "
+                         f"load it in float and quantize the frozen tree with jlora.quantize(frozen, qtype='nf4')")
+    kwargs.pop("quantized", None)
     model_type = hf.read_config(path).get("model_type")
     if model_type is None:
         raise ValueError(f"{Path(path) / 'config.json'} has no model_type; add one of {sorted(ARCHITECTURES)}, or "
@@ -72,4 +81,5 @@ __all__ = [
     "llama",
     "partitioning",
     "shards",
+    "write_gguf",
 ]

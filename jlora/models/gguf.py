@@ -1,11 +1,15 @@
-"""GGUF (llama.cpp) Llama files read into Hugging Face form: a config dict, float32 tensors under HF names, and the
-byte-level BPE tokenizer stored in the metadata.
+"""GGUF (llama.cpp) Llama files read into Hugging Face form: a config dict, tensors under HF names, and the
+byte-level BPE tokenizer stored in the metadata; and Llama variables written back as GGUF (`write_gguf`).
 
     hf_config, tensors, tokenizer = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
     module, variables = jlora.models.llama.from_tensors(hf_config, tensors)
+    module, variables = jlora.models.from_pretrained("x.gguf", quantized=True)   # the file's blocks, undequantized
+    written = write_gguf("merged.gguf", variables, like="x.gguf")                # {tensor: (type, how)}
 
-Quantized tensors are dequantized by the `gguf` package (`gguf.quants.dequantize`). llama.cpp's converter permutes
-the rows of attn_q / attn_k from HF's rotate-half RoPE layout to its interleaved one; `unpermute` undoes that.
+Quantized tensors are dequantized by the `gguf` package (`gguf.quants.dequantize`), or with `quantized=True` kept
+as `jlora.qarray.QuantizedArray`s of the file's blocks (`jlora.quant_gguf` decodes them in JAX). llama.cpp's
+converter permutes the rows of attn_q / attn_k from HF's rotate-half RoPE layout to its interleaved one; `unpermute`
+undoes that (on float rows, or on rows of blocks).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 TOP_NAMES = {
@@ -52,6 +57,15 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's `permute(w, n_head)` (convert_hf_to_gguf.py), the inverse of `unpermute`: rows from HF's
+    rotate-half order to the interleaved one. Any trailing axes (rows of float weights, or of blocks)."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"cannot apply the RoPE permutation: {rows} rows is not a multiple of 2 * {n_head} heads")
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def _metadata(reader) -> dict:
     return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
 
@@ -83,6 +97,31 @@ def build_tokenizer(meta: dict, *, source: str = ""):
     return tokenizer
 
 
+def _n_head(name: str, heads: int, kv_heads: int) -> int | None:
+    """The head count llama.cpp permuted the rows of tensor `name` by (attn_q: heads, attn_k: kv heads), or None."""
+    return heads if name.endswith(".attn_q.weight") else kv_heads if name.endswith(".attn_k.weight") else None
+
+
+def _tensor(t, quantized: bool, heads: int, kv_heads: int):
+    """One ReaderTensor in torch layout: float32, or (`quantized` and a format jlora decodes) a QuantizedArray."""
+    import gguf
+
+    from jlora import quant_gguf
+    from jlora.qarray import QuantizedArray
+
+    shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne is (in, out); numpy / torch is (out, in)
+    n_head = _n_head(t.name, heads, kv_heads)
+    qtype = quant_gguf.qtype_of(t.tensor_type)
+    if quantized and qtype is not None:
+        _, size, nbytes = quant_gguf.FORMATS[qtype]
+        blocks = np.asarray(t.data, dtype=np.uint8).reshape(-1, nbytes)
+        if n_head is not None:  # each row of (out, in) is a whole number of blocks: permute rows of blocks
+            blocks = unpermute(blocks.reshape(shape[0], -1), n_head).reshape(-1, nbytes)
+        return QuantizedArray(jnp.asarray(blocks), None, shape=shape, dtype="float32", qtype=qtype, block_size=size)
+    w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+    return w if n_head is None else unpermute(w, n_head)
+
+
 def _reader(path: Path):
     import gguf
 
@@ -100,15 +139,24 @@ def read_tokenizer(path: str | os.PathLike):
     return build_tokenizer(_metadata(_reader(path)), source=str(path))
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], object]:
-    """(HF LlamaForCausalLM config dict, {hf_name: float32 array in torch layout, Linear (out, in)}, tokenizer).
+def read_gguf(path: str | os.PathLike, *, quantized: bool = False) -> tuple[dict, dict, object]:
+    """(HF LlamaForCausalLM config dict, {hf_name: array in torch layout, Linear (out, in)}, tokenizer).
+
+    The arrays are float32, dequantized by `gguf.quants.dequantize`. With `quantized=True`, each tensor stored in a
+    block format jlora decodes in JAX (`jlora.quant_gguf.FORMATS`: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k ... q6_k) is
+    instead a `jlora.qarray.QuantizedArray` holding the file's raw blocks, uint8 (n_blocks, bytes per block), of
+    logical shape (out, in) float32 (`.dequantize()` gives exactly the float32 array); attn_q / attn_k rows are
+    un-permuted as whole rows of blocks. Tensors in F32 / F16 / BF16 (the norms) and in a block format jlora does
+    not decode (the IQ* types, TQ*, ...) are dequantized to float32 arrays either way (`gguf.GGUFReader(path)
+    .tensors` tells each tensor's `tensor_type`).
 
     Raises FileNotFoundError for a missing file and ValueError for an architecture other than llama, a tensor
-    without a Llama counterpart, or an unsupported tokenizer.
+    without a Llama counterpart, or an unsupported tokenizer (or `quantized=True` for a path not ending in .gguf).
     """
-    import gguf
-
     path = Path(path).expanduser()
+    if quantized and path.suffix != ".gguf":
+        raise ValueError(f"quantized=True keeps a GGUF file's blocks, but {path} is not a .gguf file; load it in float "
+                         f"and call jlora.quantize(variables, qtype=...) for a quantized frozen tree")
     if not path.is_file():
         raise FileNotFoundError(f"no such GGUF file: {path}")
     reader = _reader(path)
@@ -118,16 +166,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], obj
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
     heads = int(meta["llama.attention.head_count"])
     kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
-    tensors = {}
-    for t in reader.tensors:
-        name = hf_name(t.name)
-        shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne is (in, out); numpy / torch is (out, in)
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-        if t.name.endswith(".attn_q.weight"):
-            w = unpermute(w, heads)
-        elif t.name.endswith(".attn_k.weight"):
-            w = unpermute(w, kv_heads)
-        tensors[name] = w
+    tensors = {hf_name(t.name): _tensor(t, quantized, heads, kv_heads) for t in reader.tensors}
     if "model.embed_tokens.weight" not in tensors:
         raise ValueError(f"{path}: no token_embd.weight tensor")
     hidden = int(meta["llama.embedding_length"])
@@ -150,3 +189,11 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], obj
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
     return config, tensors, build_tokenizer(meta, source=str(path))
+
+
+def write_gguf(path: str | os.PathLike, variables, *, like: str | os.PathLike, qtype: str | None = None) -> dict:
+    """Llama `variables` written as a GGUF file with the metadata and tokenizer of `like`; see
+    `jlora.models.gguf_write.write_gguf` (its own module: one concept per module)."""
+    from jlora.models.gguf_write import write_gguf as write
+
+    return write(path, variables, like=like, qtype=qtype)

@@ -12,6 +12,7 @@ transformers warns; buffers the model recomputes (`attn.bias`, `position_ids`, `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import numpy as np
 
 from jlora.models import shards
 from jlora.paths import named_leaves, nest
+from jlora.qarray import is_quantized
 
 LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 T = TypeVar("T")
@@ -206,6 +208,9 @@ def convert(template, tensors: dict, *, key_of: Callable[[str], str | None] = de
             bad.append(f"{key}: checkpoint {stored}, model expects {want}{note}")
             continue
         kind = dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype
+        if is_quantized(value):  # GGUF blocks (read_gguf(quantized=True)) kept as they are; only the layout changes
+            flat[path] = _relabel(value, kind, transpose(path), path, shardings)
+            continue
         flat[path] = (jnp.asarray(value.T if transpose(path) else value, dtype=kind) if shardings is None
                       else shards.place(value, shardings[path], dtype=kind, transposed=transpose(path)))
     where = source or "the checkpoint"
@@ -233,6 +238,18 @@ def convert(template, tensors: dict, *, key_of: Callable[[str], str | None] = de
         warnings.warn(f"{where}: ignored {_count(rest)} the model does not use (strict=False): {_listing(rest)}{hint}",
                       UnusedTensorsWarning, stacklevel=3)
     return nest(flat)
+
+
+def _relabel(q, dtype, transposed: bool, path: str, shardings):
+    """A QuantizedArray in the flax layout: logical axes reversed (its `perm` composed with the transpose) when the
+    tensor is stored transposed, logical dtype `dtype`; its blocks untouched."""
+    if shardings is not None:
+        raise ValueError(f"{path}: quantized (GGUF block) tensors cannot be placed on a mesh yet; load without mesh= "
+                         f"(or with quantized=False to shard the float weights)")
+    perm = q.perm or tuple(range(q.ndim))
+    perm = perm[::-1] if transposed else perm
+    return dataclasses.replace(q, shape=tuple(q.shape[::-1]) if transposed else tuple(q.shape),
+                               dtype=jnp.dtype(dtype).name, perm=None if perm == tuple(range(q.ndim)) else perm)
 
 
 def _drop_tied(tensors: dict, head: str, embedding: str, *, source: str = "") -> dict:

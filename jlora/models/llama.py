@@ -1,7 +1,7 @@
 """Llama (transformers' `LlamaForCausalLM`) in flax.linen, with a key/value cache for generation.
 
     module, variables = from_pretrained("path/to/hf_dir")        # config.json + safetensors
-    module, variables = from_pretrained("model.Q4_1.gguf")       # GGUF, dequantized to float32 first
+    module, variables = from_pretrained("model.Q4_1.gguf")       # GGUF, dequantized (quantized=True: kept as blocks)
     logits = module.apply(variables, input_ids)                  # (batch, seq, vocab) float32
 
 Parameter paths mirror the Hugging Face names ('.' -> '/', layers numbered): `params/model/layers/0/self_attn/
@@ -287,13 +287,13 @@ def from_tensors(hf_config: dict | LlamaConfig, tensors: dict, *, dtype=jnp.floa
 
 
 def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32, strict: bool = True, mesh=None,
-                    rules=None) -> tuple[Llama, dict]:
-    """(module, variables) from a HF directory (config.json + safetensors), a hub id, or a `.gguf` file (`read_gguf`,
-    dequantized to float32, cast to `dtype`). Unused tensors (layers beyond `num_hidden_layers`; `inv_freq` skipped)
-    are a ValueError, or an UnusedTensorsWarning with `strict=False`. `mesh`, `rules`: see `models.from_pretrained`."""
+                    rules=None, quantized: bool = False) -> tuple[Llama, dict]:
+    """(module, variables) from a HF directory (config.json + safetensors), a hub id, or a `.gguf` file (`read_gguf`:
+    float32, or with `quantized=True` its blocks as QuantizedArrays; cast to `dtype`). Unused tensors are a ValueError
+    (an UnusedTensorsWarning with `strict=False`; `inv_freq` skipped). `mesh`, `rules`: see `models.from_pretrained`."""
     kw = dict(dtype=dtype, source=str(path_or_dir), strict=strict, mesh=mesh, rules=rules)
-    if str(path_or_dir).endswith(".gguf"):  # (hf config, tensors, tokenizer)
-        return from_tensors(*read_gguf(path_or_dir)[:2], **kw)
+    if str(path_or_dir).endswith(".gguf") or quantized:  # (hf config, tensors, tokenizer); quantized: GGUF only
+        return from_tensors(*read_gguf(path_or_dir, quantized=quantized)[:2], **kw)
     directory = resolve(path_or_dir)
     config = parse_config(LlamaConfig.from_hf, read_config(directory), source=directory / "config.json")
     return from_tensors(config, read_safetensors(directory, lazy=mesh is not None), **kw | {"source": str(directory)})
