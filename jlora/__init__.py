@@ -7,6 +7,7 @@
 
 from jlora.analysis import LayoutWarning
 from jlora.checkpoint import CorruptCheckpointError, fingerprint, load_adapters, save_adapters
+from jlora.combination import combine_adapters
 from jlora.config import LoraConfig
 from jlora.interpreter import FactoredFallbackWarning
 from jlora.manager import AdapterCheckpointManager
@@ -33,6 +34,7 @@ __all__ = [
     "check_adapters",
     "check_pairs",
     "combine",
+    "combine_adapters",
     "dequantize",
     "fingerprint",
     "load_adapters",
