@@ -16,8 +16,9 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from jlora.models import bert, generation, gpt2, hf, llama, partitioning, shards
+from jlora.models import bert, export, generation, gpt2, hf, llama, partitioning, shards
 from jlora.models.bert import BertConfig, BertForSequenceClassification, BertModel
+from jlora.models.export import save_pretrained
 from jlora.models.generation import cached_step, generate
 from jlora.models.gguf import write_gguf
 from jlora.models.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -73,6 +74,7 @@ __all__ = [
     "UnusedTensorsWarning",
     "bert",
     "cached_step",
+    "export",
     "from_pretrained",
     "generate",
     "generation",
@@ -80,6 +82,7 @@ __all__ = [
     "hf",
     "llama",
     "partitioning",
+    "save_pretrained",
     "shards",
     "write_gguf",
 ]

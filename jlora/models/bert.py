@@ -284,7 +284,7 @@ def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32, num_la
         fresh = name.startswith(("classifier.", prefix + "pooler.", "pooler."))
         return None if fresh and name not in tensors else name
 
-    variables = hf.convert(template, tensors, key_of=key_of, transpose=lambda p: p.endswith("/kernel"), dtype=dtype,
+    variables = hf.convert(template, tensors, key_of=key_of, transpose=hf.TRANSPOSED[config.model_type], dtype=dtype,
                            source=str(directory), strict=strict, buffers=(r"(?:^|\.)(?:position|token_type)_ids$",),
                            heads=(r"^cls\.", r"^lm_head\.", r"^(?:bert\.|roberta\.)?pooler\."),
                            layers=("num_hidden_layers", config.num_hidden_layers), shardings=shardings)

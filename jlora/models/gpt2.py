@@ -272,7 +272,7 @@ def from_pretrained(path_or_dir: str | os.PathLike, *, dtype=jnp.float32, strict
         return key if prefixed or not key.startswith("transformer.") else key.removeprefix("transformer.")
 
     tied = ("lm_head.weight", key_of("params/transformer/wte/embedding")) if config.tie_word_embeddings else None
-    variables = hf.convert(template, tensors, key_of=key_of, transpose=lambda p: p.endswith("lm_head/kernel"),
+    variables = hf.convert(template, tensors, key_of=key_of, transpose=hf.TRANSPOSED["gpt2"],
                            dtype=dtype, source=str(directory), strict=strict, tied=tied,
                            buffers=(r"(?:^|\.)attn\.(?:masked_)?bias$",), layers=("n_layer", config.n_layer),
                            shardings=shardings)

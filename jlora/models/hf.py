@@ -30,6 +30,10 @@ from jlora.paths import named_leaves, nest
 from jlora.qarray import is_quantized
 
 LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# per model_type, whether a flax leaf is stored transposed: torch Linear (out, in) vs flax Dense (in, out); GPT-2's
+# Conv1D stores (in, out) as flax does, so only its untied lm_head is (loaders and `jlora.models.export` share it)
+TRANSPOSED: dict[str, Callable[[str], bool]] = {"gpt2": lambda path: path.endswith("lm_head/kernel"), **dict.fromkeys(
+    ("llama", "bert", "roberta"), lambda path: path.endswith("/kernel"))}
 T = TypeVar("T")
 
 

@@ -21,7 +21,7 @@ from jax import lax
 
 from jlora.models import shards
 from jlora.models.gguf import read_gguf
-from jlora.models.hf import convert, parse_config, read_config, read_safetensors, resolve
+from jlora.models.hf import TRANSPOSED, convert, parse_config, read_config, read_safetensors, resolve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +279,7 @@ def from_tensors(hf_config: dict | LlamaConfig, tensors: dict, *, dtype=jnp.floa
     config = parse_config(LlamaConfig.from_hf, hf_config, source=source) if isinstance(hf_config, dict) else hf_config
     module = Llama(config, dtype=dtype)
     template = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    return module, convert(template, tensors, transpose=lambda path: path.endswith("/kernel"), dtype=dtype,
+    return module, convert(template, tensors, transpose=TRANSPOSED["llama"], dtype=dtype,
                            source=source, strict=strict, buffers=(r"(?:^|\.)rotary_emb\.inv_freq$",),
                            layers=("num_hidden_layers", config.num_hidden_layers),
                            shardings=shards.placement(template, mesh, rules, "llama"),
