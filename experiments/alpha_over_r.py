@@ -5,6 +5,8 @@
     python -m experiments.alpha_over_r --resume --seeds 0 1 2   # a finished study takes another seed (or --lm_seeds)
     python -m experiments.alpha_over_r --quick        # CI smoke test, < 1 min: results/alpha_over_r_quick.*
     python -m experiments.alpha_over_r --grid full    # SmolLM2 on the full grid too (a GPU); --tasks smollm2 alone
+    python -m experiments.alpha_over_r --stacked      # the same runs and records, each round's runs of a seed
+                                                      # trained together in one program (jlora.multi)
 
 LoRA fine-tuning of real models at ranks r over a log-spaced learning-rate grid, under three scalings of the update
 `scale * A @ B`: "lora" alpha/r (alpha = ref_rank), "rslora" alpha/sqrt(r) (alpha = sqrt(ref_rank)), "none" scale 1
@@ -43,8 +45,8 @@ from tqdm import tqdm
 import jlora
 from experiments import data, parse_config, study, study_report
 from experiments.nlu import run_keys, schedule
+from experiments.study import scale_of
 from jlora import assets, models
-from jlora.paths import flatten_adapters
 from jlora.tokenizers import load_tokenizer
 
 SCALINGS = ("lora", "rslora", "none")  # alpha/r, alpha/sqrt(r), 1
@@ -90,6 +92,8 @@ class Config:
     out_dir: str = "results"
     name: str = "alpha_over_r"
     resume: bool = False  # skip the runs already in <name>.jsonl (same config required)
+    stacked: bool = False  # train each round's runs of a seed together (jlora.multi): the same records, fewer compiles
+    stack_size: int = 32  # runs per stacked program: MiniLM, 32 runs padded to r = 64, batch 16: 4.5 GB of XLA temps
 
 
 # r = 8 runs once for all three scalings: 3 + 1 compiles, 4 x 3 LRs = 12 runs of 8 steps
@@ -187,63 +191,75 @@ class Group:
 
     def run(self, seed: int, lr: float) -> dict:
         """Trains one (seed, lr); returns the run's record (held-out loss None when it diverged)."""
-        if (self.lcfg.rank, seed) not in self.inits:  # the LoRA init depends on r and seed only: scalings share it
-            self.inits[self.lcfg.rank, seed] = self.lora.init(self.task.variables(seed), *self.task.example,
-                                                              key=run_keys(seed)["lora"])
-        frozen, adapters = self.inits[self.lcfg.rank, seed]
+        frozen, adapters = lora_init(self.task, self.lcfg, seed, self.inits)
         opt_state, losses, start = self.adam.init(adapters), [], time.perf_counter()
         for i, (inputs, targets) in enumerate(self.task.batches(seed)):
             adapters, opt_state, loss = self.step(frozen, adapters, opt_state, lr * self.factors[i], inputs, targets)
             losses.append(loss)
             if i % 10 == 9 and not np.isfinite(float(loss)):
                 break  # diverged: stop spending the budget on it
-        losses, train_s = np.asarray(jax.device_get(losses), np.float64), time.perf_counter() - start
-        diverged = not (np.isfinite(losses).all() and all(np.isfinite(x).all() for x in jax.tree.leaves(adapters)))
-        loss, acc = (None, None) if diverged else self.task.evaluate(jlora.merge(frozen, adapters, self.lcfg))
-        return dict(task=self.task.name, rank=self.lcfg.rank, scale=scale_of(self.lcfg), alpha=self.lcfg.alpha, lr=lr,
-                    seed=seed, eval_loss=study.num(loss), accuracy=study.num(acc), diverged=diverged,
-                    train_loss=study.num(losses[-10:].mean()), steps=len(losses), losses=[study.num(x) for x in losses],
-                    norms={} if diverged else update_norms(adapters, self.lcfg), train_s=train_s,
-                    total_s=time.perf_counter() - start)
+        losses = np.asarray(jax.device_get(losses), np.float64)
+        return study.record(self.task, self.lcfg, seed, lr, frozen, adapters, losses, time.perf_counter() - start,
+                            start)
 
 
-def scale_of(lcfg: jlora.LoraConfig) -> float:
-    return round(lcfg.scale_for(lcfg.targets[0]), 12)
-
-
-def update_norms(adapters, lcfg: jlora.LoraConfig) -> dict[str, float]:
-    """||scale * a @ b||_F per adapted weight, from the factors in float64 (the kernels here are 2-D)."""
-    pairs, _ = flatten_adapters(adapters)
-    return {p: float(np.linalg.norm(lcfg.scale_for(p) * (np.asarray(f["lora_a"], np.float64)
-                                                        @ np.asarray(f["lora_b"], np.float64))))
-            for p, f in sorted(pairs.items())}
+def lora_init(task: Task, lcfg: jlora.LoraConfig, seed: int, inits: dict) -> tuple:
+    """(frozen, adapters) of a seed; the LoRA init depends on r and seed only, so the scalings share it (`inits`)."""
+    if (lcfg.rank, seed) not in inits:
+        inits[lcfg.rank, seed] = jlora.lora_transform(task.apply, lcfg).init(task.variables(seed), *task.example,
+                                                                             key=run_keys(seed)["lora"])
+    return inits[lcfg.rank, seed]
 
 
 def run_task(task: Task, config: Config, log: study.Log, bar: tqdm) -> int:
-    """Every (r, scaling) group of `task`: its grid, extended by one LR per side (up to config.extend) while the
-    best LR sits on the edge. Runs already in `log` are skipped. Returns how many runs were made."""
-    grid, inits, ran = task.grid, {}, 0
-    for rank, scaling in itertools.product(grid.ranks, config.scalings):
-        lcfg = lora_config(scaling, rank, ref_rank=config.ref_rank, targets=task.targets)
-        group, lo, hi, ks = None, 0, grid.n_lr - 1, range(grid.n_lr)
-        while ks:
+    """Every (r, scaling) group of `task`: its grid, then round by round one LR more on the side of each group whose
+    best LR sits on the edge (up to config.extend). Runs already in `log` are skipped; the others are made one by
+    one (a `Group` per (r, scaling)) or, --stacked, per seed in programs of up to `stack_size` runs
+    (`study.train_stacked`), with the same records. Returns how many runs were made."""
+    grid, inits, groups, ran = task.grid, {}, {}, 0
+    todo = {lora_config(s, r, ref_rank=config.ref_rank, targets=task.targets): (0, grid.n_lr - 1, range(grid.n_lr))
+            for r, s in itertools.product(grid.ranks, config.scalings)}
+    while todo:
+        runs = {}  # key -> (config, lr, seed), once: r = ref_rank is one run for all scalings
+        for c, (_, _, ks) in todo.items():
             for k, seed in itertools.product(ks, grid.seeds):
-                key = (task.name, rank, scale_of(lcfg), grid.lr(k), seed)
-                if key not in log.runs:
-                    group = group or Group(task, lcfg, config, inits)
-                    log.append(group.run(seed, grid.lr(k)))
-                    ran += 1
-                    bar.set_postfix_str(f"r={rank} {scaling} lr={grid.lr(k):.3g}: {log.runs[key]['eval_loss']}")
-                bar.update()
-            losses = [study.mean_loss(log.runs, (task.name, rank, scale_of(lcfg), grid.lr(k)), grid.seeds)
-                      for k in range(lo, hi + 1)]
-            best, ks = study.best_index(losses), ()
-            if best == 0 and lo > -config.extend:
-                lo, ks = lo - 1, (lo - 1,)
-            elif best == len(losses) - 1 and hi < grid.n_lr - 1 + config.extend:
-                hi, ks = hi + 1, (hi + 1,)
-            bar.total += len(ks) * len(grid.seeds)
+                if (key := (task.name, c.rank, scale_of(c), grid.lr(k), seed)) not in log.runs:
+                    runs.setdefault(key, (c, grid.lr(k), seed))
+        if config.stacked:
+            for seed in grid.seeds:
+                mine = [v for key, v in runs.items() if key[-1] == seed]
+                for i in range(0, len(mine), config.stack_size):
+                    for r in stacked_runs(task, config, mine[i: i + config.stack_size], inits):
+                        log.append(r)
+        else:
+            for key, (c, lr, seed) in runs.items():
+                groups[c] = groups.get(c) or Group(task, c, config, inits)
+                log.append(groups[c].run(seed, lr))
+                bar.set_postfix_str(f"r={c.rank} scale={scale_of(c)} lr={lr:.3g}: {log.runs[key]['eval_loss']}")
+        bar.update(sum(len(ks) for _, _, ks in todo.values()) * len(grid.seeds))
+        ran += len(runs)
+        todo = {c: edge for c, (lo, hi, _) in todo.items() if (edge := study.extend(
+            [study.mean_loss(log.runs, (task.name, c.rank, scale_of(c), grid.lr(k)), grid.seeds)
+             for k in range(lo, hi + 1)], lo, hi, grid.n_lr, config.extend))[2]}
+        bar.total += sum(len(ks) for _, _, ks in todo.values()) * len(grid.seeds)
     return ran
+
+
+def stacked_runs(task: Task, config: Config, part: list, inits: dict) -> list[dict]:
+    """The records of the runs `[(LoraConfig, lr, seed), ...]` of one seed, trained in one program."""
+    start, seed = time.perf_counter(), part[0][2]
+    shape = schedule(config, lr=1.0, total_steps=task.grid.steps)
+
+    def loss(logits, targets):
+        Group.traces += 1  # once per trace of a stacked step
+        return study.xent(*task.pairs(logits, targets))
+
+    frozen = lora_init(task, part[0][0], seed, inits)[0]
+    out = study.train_stacked(task.apply, frozen, [(lora_init(task, c, seed, inits)[1], c, lr) for c, lr, _ in part],
+                              task.batches(seed), loss, [float(shape(i)) for i in range(task.grid.steps)])
+    train_s = (time.perf_counter() - start) / len(part)  # the program's time, shared
+    return [study.record(task, c, seed, lr, frozen, adapters, losses, train_s, start)
+            for (c, lr, _), (adapters, losses) in zip(part, out)]
 
 
 def run_study(config: Config) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+import jlora.multi
+from jlora.paths import flatten_adapters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,66 @@ class Log:
         self._add(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+def record(task, lcfg: jlora.LoraConfig, seed: int, lr: float, frozen, adapters, losses, train_s: float,
+           start: float) -> dict:
+    """A finished run's record of experiments.alpha_over_r (held-out loss None when it diverged); `task` an
+    alpha_over_r.Task, `start` the run's perf_counter start."""
+    diverged = not (np.isfinite(losses).all() and all(np.isfinite(x).all() for x in jax.tree.leaves(adapters)))
+    loss, acc = (None, None) if diverged else task.evaluate(jlora.merge(frozen, adapters, lcfg))
+    return dict(task=task.name, rank=lcfg.rank, scale=scale_of(lcfg), alpha=lcfg.alpha, lr=lr, seed=seed,
+                eval_loss=num(loss), accuracy=num(acc), diverged=diverged,
+                train_loss=num(losses[-10:].mean()), steps=len(losses), losses=[num(x) for x in losses],
+                norms={} if diverged else update_norms(adapters, lcfg), train_s=train_s,
+                total_s=time.perf_counter() - start)
+
+
+def scale_of(lcfg: jlora.LoraConfig) -> float:
+    return round(lcfg.scale_for(lcfg.targets[0]), 12)
+
+
+def update_norms(adapters, lcfg: jlora.LoraConfig) -> dict[str, float]:
+    """||scale * a @ b||_F per adapted weight, from the factors in float64 (the kernels here are 2-D)."""
+    pairs, _ = flatten_adapters(adapters)
+    return {p: float(np.linalg.norm(lcfg.scale_for(p) * (np.asarray(f["lora_a"], np.float64)
+                                                        @ np.asarray(f["lora_b"], np.float64))))
+            for p, f in sorted(pairs.items())}
+
+
+def extend(losses: Sequence[float], lo: int, hi: int, n_lr: int, extend: int) -> tuple[int, int, tuple[int, ...]]:
+    """(lo, hi, ks): a grid k = lo .. hi whose best of `losses` sits on an edge grows one LR that way (ks), up to
+    `extend` beyond 0 .. n_lr - 1; ks is () when it does not grow."""
+    best = best_index(losses)
+    if best == 0 and lo > -extend:
+        return lo - 1, hi, (lo - 1,)
+    if best == len(losses) - 1 and hi < n_lr - 1 + extend:
+        return lo, hi + 1, (hi + 1,)
+    return lo, hi, ()
+
+
+def train_stacked(apply, frozen, runs: Sequence[tuple], batches, loss: Callable, factors: Sequence[float]) -> list:
+    """K LoRA runs `[(adapters, LoraConfig, lr), ...]` of one frozen model on one batch stream `[(inputs, targets),
+    ...]` trained in one program (`jlora.multi`), each as a sequential run of experiments.alpha_over_r: Adam
+    (`scale_by_adam`), then `-lr * factors[i]` at step i. Returns `[(trained adapters, losses float64 (steps,))]`,
+    each run's losses cut where a sequential run stops (its first 10th step whose loss is not finite)."""
+    stacked, sc = jlora.multi.stack([a for a, _, _ in runs], [c for _, c, _ in runs])
+    tx = jlora.multi.stacked_optimizer(lambda learning_rate: optax.chain(optax.scale_by_adam(),
+                                                                         optax.scale(-learning_rate)),
+                                       learning_rate=[0.0] * len(runs))
+    step = jlora.multi.train_step(jlora.multi.stacked_transform(apply, sc, strict=True), tx, loss)
+    state, losses = tx.init(stacked), []
+    for i, (inputs, targets) in enumerate(batches):  # the rate is data: one compile for every step
+        state = jlora.multi.with_hyperparams(state, learning_rate=np.float32([lr * factors[i] for *_, lr in runs]))
+        stacked, state, step_losses = step(frozen, stacked, state, inputs, targets)
+        losses.append(step_losses)
+        if i % 10 == 9 and not np.isfinite(np.asarray(step_losses)).any():
+            break  # all diverged
+    out = []
+    for (adapters, _), row in zip(jlora.multi.unstack(stacked, sc), np.asarray(jax.device_get(losses), np.float64).T):
+        stop = [i for i in range(9, len(row), 10) if not np.isfinite(row[i])]
+        out.append((adapters, row[: stop[0] + 1] if stop else row))
+    return out
 
 
 def xent(logits, labels):  # mean cross entropy of logits (n, classes) and int labels (n,)

@@ -5,6 +5,7 @@
     y = lora.apply(frozen, adapters, x)
 """
 
+from jlora import multi
 from jlora.analysis import LayoutWarning
 from jlora.checkpoint import CorruptCheckpointError, fingerprint, load_adapters, save_adapters
 from jlora.combination import combine_adapters
@@ -43,6 +44,7 @@ __all__ = [
     "masked_optimizer",
     "merge",
     "merge_requantized",
+    "multi",
     "optimizer_shardings",
     "quantize",
     "save_adapters",
