@@ -139,7 +139,7 @@ class MultiLora:
             for i, v in zip(dyn, values):
                 full[i] = v
             a, kw = jax.tree_util.tree_unflatten(tree, full)
-            return self.lora.apply(frozen, adapters, *a, dropout_key=key, **kw)
+            return self.lora._run(frozen, adapters, a, kw, key, None, vmapped=True)  # no [W; B] copy per adapter
 
         values = [leaves[i] for i in dyn]
         return jax.vmap(one, in_axes=(0, 0, 0 if batched else None))(scaled, keys, values)

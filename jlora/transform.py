@@ -123,9 +123,11 @@ class LoraTransform:
         adapters, config))` puts it and the merged weights into the module."""
         return self._run(frozen, adapters, args, kwargs, dropout_key, None)
 
-    def _run(self, frozen, adapters, args, kwargs, dropout_key, route):
+    def _run(self, frozen, adapters, args, kwargs, dropout_key, route, *, vmapped: bool = False):
         """`apply`; with `route` (int (batch,)), `adapters`' pairs are stacked on a leading adapter axis and row i
-        takes adapter route[i] (`jlora.routing`; `jlora.multi` builds the stack and appends its zero adapter)."""
+        takes adapter route[i] (`jlora.routing`; `jlora.multi` builds the stack and appends its zero adapter).
+        `vmapped`: the caller vmaps this over adapters (`jlora.multi`), so no rule may join W with a factor (that
+        would copy W per adapter)."""
         frozen = as_variables(frozen)
         one = adapters if route is None else jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype),
                                                           adapters)
@@ -150,7 +152,7 @@ class LoraTransform:
             base = Deferred(w) if is_quantized(w) else w  # a quantized base is dequantized at its consumer
             fb = layout.fused_b(b, lay) if route is None else jax.vmap(lambda b, lay=lay: layout.fused_b(b, lay))(b)
             tracked[index[path]] = Tracked(base, a, fb, axes=axes, removed=frozenset(), leaf=leaf, route=route)
-        ctx = Context(strict=self.strict, key=dropout_key)
+        ctx = Context(strict=self.strict, key=dropout_key, routed=vmapped)
         out = analysis.run(self.fn, variables, args, kwargs,
                            lambda i, x: tracked.get(i, Deferred(x) if is_quantized(x) else x), ctx)
         if isinstance(self.fn, NnxFunction):  # (y, the variables the call wrote) -> (y, the new frozen tree)

@@ -332,8 +332,6 @@ def test_bad_stacks_raise(tiny):
                          for n, v in stacked["params"].items()}}
     with pytest.raises(ValueError, match=r"rank 6 on axis 1, padded rank 7"):
         multi.unstack(narrow, sc)
-    with pytest.raises(NotImplementedError, match="per-row routing"):
-        m.apply(frozen, stacked, x, adapter_ids=np.zeros(4, int))
     with pytest.raises(ValueError, match="leading axis of K = 3"):
         m.apply_each(frozen, stacked, x)
     with pytest.raises(ValueError, match="do not fit their StackedConfig"):
