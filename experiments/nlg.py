@@ -4,6 +4,7 @@
     python -m experiments.nlg --task e2e --quick             # random tiny GPT-2, synthetic E2E fixture, < 1 min
     python -m experiments.nlg --task shakespeare             # SmolLM2-135M on 2 CPU cores, 5.5-10 min (Config)
     python -m experiments.nlg --task shakespeare --quick     # random tiny Llama on the fixture's text, < 1 min
+    python -m experiments.nlg --task shakespeare --quantize nf4   # over an NF4 (or "gguf") base: experiments.quantized
 
 E2E (microsoft/LoRA examples/NLG, GPT-2 M; data and encoding in experiments.e2e): LoRA r=4, alpha=32 on the q and v
 slices of the fused c_attn (loralib's MergedLinear, enable_lora=[True, False, True]), LoRA dropout 0.1, the base
@@ -31,7 +32,7 @@ import optax
 from tqdm import tqdm
 
 import jlora
-from experiments import count_params, data, e2e, parse_config, stopwatch, warmup_then_decay, write_results
+from experiments import count_params, data, e2e, parse_config, quantized, stopwatch, warmup_then_decay, write_results
 from jlora import models
 from jlora.tokenizers import load_tokenizer
 
@@ -65,6 +66,7 @@ class Config:
     # alpha_over_r's unloaded 0.57 s/step at 4 x 64 tokens gives ~1.15 s/step at 4 x 128. 240 steps: 4.6 min unloaded
     # (8.8 min shared) + 11 s load and tokenize + ~35 s compiles, perplexities, samples: about 5.5 min (10 shared)
     lm_model: str = "smollm2"  # a jlora asset name or a GGUF / HF Llama path
+    quantize: str = ""  # "", "nf4", "int8", "gguf" (also int4, fp8): the frozen base quantized (experiments.quantized)
     lm_lr: float = 5e-4  # x scale 8 = 4e-3; alpha_over_r's probe (r=8, scale 1, 40 steps): best lr 3.2e-3
     lm_steps: int = 240  # x 4 x 128 = 122,880 tokens: 8% of the 1.53M tokens (11,977 windows) of the 41 plays
     lm_batch: int = 4
@@ -203,7 +205,7 @@ def run_shakespeare(config: Config) -> dict:
         held = held[: config.lm_eval_windows]
     else:
         path = models.hf.resolve(config.lm_model)
-        model, variables = models.from_pretrained(path)
+        model, variables = models.from_pretrained(path, **quantized.load_options(config))
         tokenizer = load_tokenizer(path)
         train_w, held = data.shakespeare(tokenizer, seq=config.lm_seq, held_out=config.lm_eval_play,
                                          n_held=config.lm_eval_windows)
@@ -211,13 +213,14 @@ def run_shakespeare(config: Config) -> dict:
                             dropout=config.lora_dropout)
     lora = jlora.lora_transform(model.apply, lcfg, strict=True)
     frozen, init = lora.init(variables, train_w[:1], key=keys["lora"])
+    frozen = quantized.quantize_frozen(config, frozen)  # after init: the adapters start as the float run's
     batch = min(config.lm_batch, len(held))
     held = e2e.Arrays.next_token(held[: len(held) // batch * batch])  # whole batches: one shape, one compile
-    nll = jax.jit(lambda a, b: jnp.sum(token_losses(lora.apply(frozen, a, b.ids), b.targets, 0.0) * b.mask))
+    nll = jax.jit(lambda a, b: jnp.sum(token_losses(lora.apply(frozen, a, b.ids), b.targets, 0.0) * b.mask, -1))
 
-    def perplexity(adapters) -> float:
-        return float(np.exp(sum(float(nll(adapters, held[i: i + batch])) for i in range(0, len(held), batch))
-                            / held.mask.sum()))
+    def perplexity(adapters) -> dict:  # {"perplexity", its standard error, per-window NLL sums, ...}
+        sums = np.concatenate([np.asarray(nll(adapters, held[i: i + batch])) for i in range(0, len(held), batch)])
+        return quantized.held_out(sums, held.mask.sum(-1))
 
     prompt_ids = [tokenizer.encode(p).ids for p in config.lm_prompts]
     cut = np.array([p[: min(map(len, prompt_ids))] for p in prompt_ids], np.int32)  # equal lengths: one batch
@@ -228,16 +231,16 @@ def run_shakespeare(config: Config) -> dict:
                               no_repeat_ngram_size=config.no_repeat_ngram_size)
         return [tokenizer.decode(row[cut.shape[1]:].tolist()) for row in np.asarray(got)]
 
-    clock, before = stopwatch(), dict(perplexity=perplexity(init), samples=samples(init))
+    clock, before = stopwatch(), dict(**perplexity(init), samples=samples(init))
     steps, elapsed = config.steps or config.lm_steps, stopwatch()
     adapters, losses = train(lora, frozen, init, e2e.Arrays.next_token(train_w), config, lr=config.lm_lr, smoothing=0.0,
                              batch=config.lm_batch, steps=steps, key=keys["train"], desc="shakespeare train")
-    (train_s, cpu_s), after = elapsed(), dict(perplexity=perplexity(adapters), samples=samples(adapters))
+    (train_s, cpu_s), after = elapsed(), dict(**perplexity(adapters), samples=samples(adapters))
     return dict(config=dataclasses.asdict(config), task="shakespeare", steps=steps,
-                warmup=clipped_warmup(config.warmup_steps, steps),
+                warmup=clipped_warmup(config.warmup_steps, steps), base=(base := quantized.describe(frozen)),
                 train_windows=len(train_w), held_out_predictions=int(held.mask.sum()),
                 prompts=[tokenizer.decode(p.tolist()) for p in cut], before=before, after=after,
-                trainable=count_params(adapters), total=count_params(frozen) + count_params(adapters),
+                trainable=count_params(adapters), total=base["params"] + count_params(adapters),
                 losses=losses.round(5).tolist(), train_s=train_s, train_cpu_s=cpu_s, s_per_step=train_s / steps,
                 wall_s=clock()[0], backend=jax.default_backend(), cpus=os.cpu_count(), model="random tiny Llama"
                 if config.smoke else config.lm_model, held_out="the fixture's test references" if config.smoke
@@ -262,10 +265,11 @@ def shakespeare_report(r: dict) -> str:
 
 def main(argv=None) -> int:
     config = parse_config(Config, argv, quick=QUICK, description=__doc__.split("\n\n")[0])
-    name = config.name or f"nlg_{config.task}" + ("_quick" if config.smoke else "")
+    quantized.check(config)
+    name = config.name or f"nlg_{config.task}" + f"_{config.quantize}" * bool(config.quantize) + "_quick" * config.smoke
     if config.task == "shakespeare":
-        result = run_shakespeare(config)
-        write_results(config.out_dir, name, result, shakespeare_report(result))
+        result = quantized.compared(run_shakespeare(config), config)
+        write_results(config.out_dir, name, result, shakespeare_report(result) + quantized.report(result))
         return 0
     if not config.smoke and not (config.data and config.model):
         raise ValueError("--task e2e needs --data (the E2E directory) and --model (a GPT-2 directory); or --quick")
