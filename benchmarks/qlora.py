@@ -80,7 +80,9 @@ class Config(common.GPT2Shape):
                              f"{CONTENDERS}; models {self.models} among {MODELS}")
 
     def for_gpu(self) -> Config:
-        return self  # the same shapes; device memory comes from memory_analysis
+        # the same shapes; device memory comes from memory_analysis (a child's host RSS says nothing of it), and
+        # steps take milliseconds, so more timed rounds
+        return dataclasses.replace(self, rss=False, repeats=30, warmup=2)
 
 
 QUICK = Config(**common.TINY_SHAPE | {"n_layer": 1}, n_positions=16, seq=16, models=("gpt2",),
