@@ -36,8 +36,8 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check jlora tests benchmarks experiments
 
 # benchmarks (benchmarks/*.py): each writes results/NAME.json and results/NAME.md, then report.py writes
-# results/targets.md. `bench` is the full size (10 min on a quiet 2-core CPU); `bench-quick` tiny shapes (~2 min)
-BENCHMARKS := flops train_step inference checkpoint digest gemma_layout loading sharded
+# results/targets.md. `bench` is the full size (10 min on a quiet 2-core CPU, + 9 for multi_adapter); `bench-quick` tiny shapes (~2 min)
+BENCHMARKS := flops train_step inference checkpoint digest gemma_layout loading sharded multi_adapter
 
 bench: $(VENV)/.reference
 	for b in $(BENCHMARKS) report; do $(PY) -m benchmarks.$$b || exit 1; done

@@ -8,7 +8,8 @@ Ratios are read at the first batch size of each benchmark (8 on the CPU), within
 train_step.json (medians of interleaved rounds), forward passes from inference.json, peak memory from the child
 processes' VmHWM in train_step.json (XLA's memory_analysis ratio beside it), compile time as the median of
 trace + lower + XLA compile. A file that is missing makes its rows "not measured"; the XLA FLOP floor comes from
-the same train_step run (cost_analysis of the compiled steps).
+the same train_step run (cost_analysis of the compiled steps). Issue 14's many-adapter targets (sweep wall time,
+mixed-batch tokens/s) are read from multi_adapter.json as that benchmark judged them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common
+from benchmarks import common, multi_adapter_report
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -153,6 +154,19 @@ def inference_rows(config: Config, inf: dict[str, Any] | None) -> list[dict[str,
     return rows
 
 
+def multi_rows(config: Config, ma: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """issue 14's binding targets from multi_adapter.json (`benchmarks.multi_adapter_report.TARGETS`)."""
+    src, measured = f"multi_adapter{config.suffix}.json", {t["target"]: t for t in (ma or {}).get("targets", [])}
+    rows = []
+    for what, _, limit, at_most, binding in multi_adapter_report.TARGETS:
+        t = measured.get(what)
+        if binding:
+            rows.append(row(f"{what} {'<=' if at_most else '>='} {limit:g}", t and t["value"], limit, source=src,
+                            how="median wall time ratio" if at_most else "median tokens/s ratio, same batch and run",
+                            met=None if t is None else t["met"]))
+    return rows
+
+
 def _mem(con, name):
     try:
         return con[name]["memory"]["peak_rss_bytes"]
@@ -172,10 +186,10 @@ def _fmt(x) -> str:
 
 
 def measure(config: Config) -> dict[str, Any]:
-    ts, inf = load(config, "train_step"), load(config, "inference")
-    rows = train_rows(config, ts) + inference_rows(config, inf)
+    ts, inf, ma = load(config, "train_step"), load(config, "inference"), load(config, "multi_adapter")
+    rows = train_rows(config, ts) + inference_rows(config, inf) + multi_rows(config, ma)
     sources = {n: (r["created_utc"], r["machine"]["loadavg"]) if r else None
-               for n, r in (("train_step", ts), ("inference", inf))}
+               for n, r in (("train_step", ts), ("inference", inf), ("multi_adapter", ma))}
     return {"rows": rows, "sources": sources, "quick": bool(config.suffix),
             "met": sum(r["status"] == "met" for r in rows), "missed": sum(r["status"] == "missed" for r in rows),
             "not_measured": sum(r["status"] == "not measured" for r in rows)}
