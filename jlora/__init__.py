@@ -12,13 +12,16 @@ from jlora.combination import combine_adapters
 from jlora.config import LoraConfig
 from jlora.interpreter import FactoredFallbackWarning
 from jlora.manager import AdapterCheckpointManager
-from jlora.merge import merge, merge_requantized, unmerge
+from jlora.merge import dora_norms, merge, merge_requantized, unmerge
 from jlora.optim import loralib_adamw, masked_optimizer, optimizer_shardings
 from jlora.partition import combine, split, trainable_mask
 from jlora.quant import QuantizedArray, dequantize, quantize
 from jlora.sharding import adapter_shardings
 from jlora.transform import LoraTransform, lora_transform
 from jlora.validate import RankWarning, check_adapters, check_pairs
+from jlora.variants.convert import convert_to_plain_lora
+from jlora.variants.init import RewrittenBaseWarning
+from jlora.variants.loraplus import loraplus, loraplus_labels
 
 __version__ = "0.1.0"
 
@@ -31,16 +34,21 @@ __all__ = [
     "LoraTransform",
     "QuantizedArray",
     "RankWarning",
+    "RewrittenBaseWarning",
     "adapter_shardings",
     "check_adapters",
     "check_pairs",
     "combine",
     "combine_adapters",
+    "convert_to_plain_lora",
     "dequantize",
+    "dora_norms",
     "fingerprint",
     "load_adapters",
     "lora_transform",
     "loralib_adamw",
+    "loraplus",
+    "loraplus_labels",
     "masked_optimizer",
     "merge",
     "merge_requantized",

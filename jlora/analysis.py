@@ -94,7 +94,9 @@ def analyse(fn, variables, args, kwargs, targets: dict[int, str]) -> dict[int, l
     abstract = [_abstract(x) for x in leaves]
     jax.eval_shape(lambda v: run(fn, jax.tree_util.tree_unflatten(treedef, v), args, kwargs, substitute, ctx),
                    abstract)
-    return ctx.records
+    from jlora.experts import fold
+
+    return fold(ctx.records)  # per-token gathers of expert matrices decided (jlora.experts)
 
 
 def _contracted(use) -> list[int]:

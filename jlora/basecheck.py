@@ -28,6 +28,7 @@ from jlora.config import LoraConfig
 from jlora.paths import flatten_adapters, path_str
 from jlora.qarray import is_quantized
 from jlora.transform import as_variables
+from jlora.variants.init import rewritten_base_hint, warn_unverified
 
 SAMPLE = 4096
 DIGEST = f"strided{SAMPLE}-sha256"
@@ -156,10 +157,10 @@ def check_base(meta: dict, config: LoraConfig, variables, where: str, check_weig
     with `check_weights`, the content digest where one was saved), or is missing from `variables`."""
     arrays, base = meta["arrays"], meta["base"]
     pairs = {p.rsplit("/", 1)[0] for p in arrays if p.rsplit("/", 1)[-1] in ("lora_a", "lora_b")}
-    full = set(arrays) - {f"{p}/{k}" for p in pairs for k in ("lora_a", "lora_b")}
+    full = set(arrays) - {f"{p}/{k}" for p in pairs for k in ("lora_a", "lora_b", "magnitude")}  # magnitude: DoRA
     leaves, missing = _base_leaves(variables, pairs, full)
     problems = [f"{p}: missing from the variables" for p in missing]
-    content, requant = [], False
+    content, requant, verified = [], False, set()
     for path, leaf in leaves.items():
         if leaf is None:  # a None slot of a frozen tree: the saved array is the base
             continue
@@ -173,6 +174,7 @@ def check_base(meta: dict, config: LoraConfig, variables, where: str, check_weig
                     requant = True
             elif check_weights and saved.get("digest") is not None:
                 content += _content_problem(path, leaf, saved["digest"])
+                verified.add(path)
         elif path in full:
             if arrays[path] != spec:
                 problems.append(f"{path}: saved array {_text(arrays[path])}, variables have {_text(spec)}")
@@ -186,7 +188,7 @@ def check_base(meta: dict, config: LoraConfig, variables, where: str, check_weig
         hint = ("\nThe base weights at those paths differ from the ones the adapters were saved with (same shapes and "
                 "dtypes: another fine-tune, or a differently converted copy, of this architecture). Load onto the "
                 "base the adapters were trained on, or pass check_weights=False to compare only shapes and dtypes."
-                if content else "")
+                + rewritten_base_hint(config) if content else "")
         if requant:
             hint += ("\nThe base is quantized differently from the one the adapters were trained on: quantize it as "
                      "the saved base says (jlora.quantize(frozen, qtype=..., block_size=..., double_quant=...)); to "
@@ -194,6 +196,7 @@ def check_base(meta: dict, config: LoraConfig, variables, where: str, check_weig
                      "from), load them without variables= and check the result yourself")
         raise ValueError(f"the checkpoint at {where} does not fit these variables (base fingerprint differs):\n  "
                          + "\n  ".join(problems + content) + hint)
+    warn_unverified(config, where, sorted(pairs - verified))  # PiSSA / OLoRA onto a base not checked to be theirs
 
 
 def _content_problem(path: str, leaf, saved: str) -> list[str]:

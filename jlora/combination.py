@@ -145,6 +145,10 @@ def _gather(adapters, configs) -> dict[str, list[tuple[int, object, object]]]:
             raise ValueError(f"adapters[{i}] does not match configs[{i}]: {e}") from None
         for path, pair in sorted(pairs.items()):
             a, b = pair["lora_a"], pair["lora_b"]
+            if "magnitude" in pair:
+                raise ValueError(f"adapters[{i}] at {path} is a DoRA adapter (config.dora): its magnitude rescales "
+                                 f"the whole weight, so it has no weighted combination with other adapters; merge "
+                                 f"it (jlora.merge) or combine plain LoRA adapters")
             if config.fused_for(path) or b.ndim != 2:
                 raise ValueError(f"adapters[{i}] at {path}: lora_a {tuple(a.shape)} / lora_b {tuple(b.shape)} is "
                                  f"a {'fused' if config.fused_for(path) else 'stacked or einsum'} layout, which "

@@ -15,7 +15,7 @@ Predicate = Callable[[str, Any], bool]
 
 BIAS_MODES = ("none", "all", "lora_only")
 SCALINGS = ("alpha_over_r", "rslora")
-INITS = ("loralib", "gaussian")
+INITS = ("loralib", "gaussian", "pissa", "olora")  # and "pissa_niter_<K>" (jlora.variants.init)
 
 
 def _frozen_items(name: str, value: Any, kind: str) -> tuple[tuple[str, Any], ...]:
@@ -101,10 +101,17 @@ class LoraConfig:
         `{"c_attn": (True, False, True)}` splits c_attn's output axis into 3 equal slices and gives q and v their
         own rank-r pair each, k none.
       init: 'loralib' (input-side factor U(-1/sqrt(fan_in), 1/sqrt(fan_in)), output side zeros; embeddings:
-        looked-up side zeros, other side N(0, 1)) or 'gaussian' (PEFT's: input side N(0, 1/r^2)).
+        looked-up side zeros, other side N(0, 1)) or 'gaussian' (PEFT's: input side N(0, 1/r^2)); or one that
+        rewrites the base (jlora.variants.init): 'pissa' (the r principal singular directions of each target, PEFT's
+        `init_lora_weights="pissa"`), 'pissa_niter_<K>' (the same by randomized SVD, K subspace iterations, from
+        `lora.init`'s key) or 'olora' (a QR factorisation); `lora.init` then returns the residual W - s*A*B in
+        `frozen`, so the output is unchanged at step 0.
       dtype: dtype of the adapter factors. None (the default) makes them float32 whatever the base dtype (a
         float64 base keeps float64): a master copy, cast to the weight's dtype where it is used, as PEFT's
         `autocast_adapter_dtype`; so a bfloat16 base trains float32 adapters with float32 optimizer moments.
+      dora: DoRA (Liu et al. 2024; PEFT's `use_dora`): each adapted weight becomes `m * (W + scale * a @ b) /
+        ||W + scale * a @ b||`, column norms over the input axes (treated as constants in the backward pass), with a
+        trained `magnitude` m beside lora_a / lora_b, initialised to ||W|| (`jlora.variants.dora`).
     """
 
     rank: int = 8
@@ -119,6 +126,7 @@ class LoraConfig:
     fused: Mapping[str, tuple[bool, ...]] | tuple = ()
     init: str = "loralib"
     dtype: Any = None
+    dora: bool = False
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -172,8 +180,10 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name, value, allowed in (("bias", self.bias, BIAS_MODES), ("scaling", self.scaling, SCALINGS),
                                      ("init", self.init, INITS)):
-            if not isinstance(value, str) or value not in allowed:
-                raise ValueError(f"LoraConfig.{name} must be one of {allowed}, got {value!r}")
+            niter = name == "init" and isinstance(value, str) and re.fullmatch(r"pissa_niter_\d+", value)
+            if not isinstance(value, str) or (value not in allowed and not niter):
+                more = " or 'pissa_niter_<K>' (K subspace iterations, e.g. 'pissa_niter_4')" if name == "init" else ""
+                raise ValueError(f"LoraConfig.{name} must be one of {allowed}{more}, got {value!r}")
         for key, r in self.rank_pattern:
             if not isinstance(r, int) or r < 0:
                 raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be an int >= 0, got {r!r}")
@@ -192,6 +202,8 @@ class LoraConfig:
                 _check_regex(f"{name} key", key)
         for m in self.modules_to_save:
             _check_regex("modules_to_save entry", m)
+        if not isinstance(self.dora, bool):
+            raise TypeError(f"LoraConfig.dora must be True or False, got {type(self.dora).__name__} {self.dora!r}")
         if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
             raise ValueError(f"LoraConfig.dtype must be a floating dtype or None, got {self.dtype!r}")
 

@@ -18,6 +18,7 @@ from jlora.deferred import value
 from jlora.interpreter import bind, plain
 from jlora.lowrank import adapted_matmul
 from jlora.tracked import Tracked
+from jlora.variants import dora
 
 
 def _dropout(ctx, x, rate: float):
@@ -111,15 +112,18 @@ def _dot_general(ctx, eqn, invals):
     f1, sel1 = t.view(first)
     f2, sel2 = t.view(second)
     xd = _dropout(ctx, x, t.leaf.dropout)
+    g = None if t.gain is None else _dora_gain(t, eqn, side, t_contract, t_batch)
+    if t.gain is not None and g is None:
+        return None  # DoRA's gain on a contracted axis (a tied embedding's attend): the fallback applies it
     kw = dict(precision=p["precision"], preferred_element_type=p["preferred_element_type"])
     matrix = not lb and sorted(sel1) == sorted(t_contract) and set(groups) <= {"A", "B"}
     k = len(t_contract)
     plain_layer = side == 1 and tuple(t_contract) == tuple(range(k)) and tuple(lc) == tuple(range(x.ndim - k, x.ndim))
-    if matrix and plain_layer and not ctx.routed:  # routed: [W; B] would copy W per example
+    if matrix and plain_layer and not ctx.routed and (g is None or xd is x):  # routed: [W; B] would copy W per row
         out = _plain_layer(x, xd, t, k, f1, [sel1.index(i) for i in t_contract], f2, kw)
         aval = eqn.outvars[0].aval
         if out.shape == aval.shape and out.dtype == aval.dtype:
-            return [out]
+            return [out if g is None else g.astype(out.dtype) * out]
     base = bind(eqn, [t.w if i == side else v for i, v in enumerate(invals)])[0]
     x = xd
     if matrix:
@@ -133,7 +137,24 @@ def _dot_general(ctx, eqn, invals):
         tmp = jnp.einsum(x, x_labels, f1, l1, tmp_labels, **kw)
         tmp = tmp * jnp.asarray(t.leaf.scale, tmp.dtype)
         low = jnp.einsum(tmp, tmp_labels, f2, l2, out, **kw)
+    if g is not None:  # PEFT's DoRA output; with dropout, W on the dropped-out input too
+        base_d = None if xd is invals[1 - side] else bind(eqn, [t.w if i == side else xd for i in range(2)])[0]
+        return [dora.combine(base, low, g, base_d)]
     return [base + low.astype(base.dtype)]
+
+
+def _dora_gain(t: Tracked, eqn, side: int, t_contract, t_batch):
+    """DoRA's gain laid out for `eqn`'s dot_general output (batch dims, lhs free, rhs free), or None where it sits on
+    a contracted axis of W."""
+    gv = t.gain_view()
+    if gv is None:
+        return None
+    ndim = len(eqn.outvars[0].aval.shape)
+    free = [i for i in range(len(t.axes)) if i not in t_contract and i not in t_batch]
+    start = len(t_batch) + (ndim - len(t_batch) - len(free) if side == 1 else 0)
+    pos = [list(t_batch).index(i) if i in t_batch else None if i in t_contract else start + free.index(i)
+           for i in range(len(t.axes))]
+    return dora.place(gv, pos, ndim)
 
 
 def _factor_operand(f, sel: list[int], first_kept: int, ndim: int):
@@ -178,6 +199,11 @@ def _lookup(ctx, eqn, t: Tracked, rest: list, whole: list[int], look, out_axis):
     g_labels = [r_label if k == pos[0] else k for k in out_labels if k not in pos[1:]]
     low = jnp.einsum(g, g_labels, f2, [*pos, r_label], out_labels) * jnp.asarray(t.leaf.scale, g.dtype)
     base = bind(eqn, [t.w, *rest])[0]
+    if t.gain is not None:  # DoRA (PEFT's embedding: no dropout): g along the kept axes
+        gv = t.gain_view()
+        gain = None if gv is None else dora.place(gv, [out_axis(i) if i in sel2 else None for i in range(len(t.axes))],
+                                                 base.ndim)
+        return None if gain is None else [dora.combine(base, low, gain)]
     return [base + low.astype(base.dtype)]
 
 
@@ -246,9 +272,18 @@ def _conv(ctx, eqn, invals):
         return None
     f_in, _ = t.view("a" if g_out == "B" else "b")  # the kernel's in/spatial axes in order, then r
     f_out, _ = t.view("b" if g_out == "B" else "a")  # shape=(out, r)
-    y = lax.conv_general_dilated_p.bind(_dropout(ctx, x, t.leaf.dropout), jnp.moveaxis(f_in, -1, out_ax), **p)
     c = dn.out_spec[1]
+    g = None
+    if t.gain is not None:  # DoRA: g along the output channels
+        gv = t.gain_view()
+        g = None if gv is None else dora.place(gv, [c if i == out_ax else None for i in range(len(t.axes))], base.ndim)
+        if g is None:
+            return None
+    xd = _dropout(ctx, x, t.leaf.dropout)
+    y = lax.conv_general_dilated_p.bind(xd, jnp.moveaxis(f_in, -1, out_ax), **p)
     low = jnp.moveaxis(_rows_matmul(jnp.moveaxis(y, c, -1), f_out.T), -1, c) * jnp.asarray(t.leaf.scale, y.dtype)
+    if g is not None:
+        return [dora.combine(base, low, g, None if xd is x else bind(eqn, [xd, t.w])[0])]
     return [base + low.astype(base.dtype)]
 
 

@@ -40,12 +40,13 @@ def _scan_slice(ctx, t: Tracked):
     atom = t.axes[0][0]
     if t.analysis:
         ctx.record(t, "slice", atom)
-        return (t.w, None, None), atom
+        return (t.w, None, None, None), atom
     if t.group(atom) != "P":
         return None
     ia, ib = t.labels("a").index(atom), t.labels("b").index(atom)
     k = 0 if t.route is None else 1  # routed factors keep their adapter axis first
-    return (t.w, jnp.moveaxis(t.a, ia + k, k), jnp.moveaxis(t.b, ib + k, k)), atom
+    g = None if t.gain is None else jnp.moveaxis(t.gain, t.atoms().index(atom), 0)  # DoRA's gain, sliced alike
+    return (t.w, jnp.moveaxis(t.a, ia + k, k), jnp.moveaxis(t.b, ib + k, k), g), atom
 
 
 def _stack(w):
@@ -63,9 +64,9 @@ def _scan(ctx, eqn, invals):
     for x in invals[n_consts + n_carry :]:
         packed = _scan_slice(ctx, x) if isinstance(x, Tracked) else None
         if packed is not None:
-            (w, a, b), atom = packed
+            (w, a, b, g), atom = packed
             w, unpack = _stack(w)
-            xs.append((w, a, b))
+            xs.append((w, a, b, g))
             rebuild.append((x, atom, unpack))
         elif isinstance(x, Deferred):
             stacked, unpack = _stack(x)
@@ -87,9 +88,9 @@ def _scan(ctx, eqn, invals):
                 args.append(how(x))
             else:
                 t, atom, unpack = how
-                w, a, b = x
+                w, a, b, g = x
                 w = w if unpack is None else unpack(w)
-                args.append(t.replace(w=w, a=a, b=b, axes=t.axes[1:], removed=t.removed | {atom}))
+                args.append(t.replace(w=w, a=a, b=b, gain=g, axes=t.axes[1:], removed=t.removed | {atom}))
         sub = ctx.child(key) if key is not None else dataclasses.replace(ctx, key=None)
         outs = _plain_outs(ctx, eval_jaxpr(closed.jaxpr, closed.consts, [*consts, *c, *args], sub), "scan")
         return outs[:n_carry], outs[n_carry:]
@@ -103,8 +104,8 @@ def _scan(ctx, eqn, invals):
 def _adapter_axis_second(x, how):
     """Routed factors sliced per step: the scanned axis first, the adapter axis after it."""
     if isinstance(how, tuple) and how[0].route is not None:
-        w, a, b = x
-        return w, jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)
+        w, a, b, g = x
+        return w, jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0), g
     return x
 
 

@@ -100,8 +100,8 @@ def fallback(ctx, eqn, invals):
 
 def eval_jaxpr(jaxpr, consts, args, ctx: Context) -> list:
     """Evaluates an open `jaxpr` on `args`, any of which may be `Tracked`."""
-    from jlora.consumers import CONSUMERS
     from jlora.control import CONTROL
+    from jlora.experts import CONSUMERS  # jlora.consumers' rules, ragged_dot and gathers of expert matrices
 
     env: dict = {}
 

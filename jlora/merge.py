@@ -12,11 +12,13 @@ from jlora.paths import flatten_adapters, path_str
 from jlora.qarray import is_quantized
 from jlora.quant import requantize_like
 from jlora.validate import check_adapters
+from jlora.variants import dora
 
 
-def _apply_deltas(variables, adapters, config: LoraConfig, sign: float, dtype=None, requantize=None):
-    """Each adapted weight + sign * its delta. A QuantizedArray leaf: dequantized (to `dtype`, default its own)
-    first; with `requantize` (a dict it fills with {path: error report}) quantized again as it was."""
+def _apply_deltas(variables, adapters, config: LoraConfig, sign: float, dtype=None, requantize=None, norms=None):
+    """Each adapted weight + sign * its delta (DoRA: g * (W + delta), or with sign -1 W / g - delta, g from `norms`).
+    A QuantizedArray leaf: dequantized (to `dtype`, default its own) first; with `requantize` (a dict it fills with
+    {path: error report}) quantized again as it was."""
     pairs, _ = flatten_adapters(adapters)
     seen = set()
 
@@ -31,7 +33,14 @@ def _apply_deltas(variables, adapters, config: LoraConfig, sign: float, dtype=No
         a, b = pairs[p]["lora_a"], pairs[p]["lora_b"]
         lay = read_layout(p, w.shape, a.shape, b.shape, config.fused_for(p))
         d = delta(a, b, lay, sign * config.scale_for(p))
-        merged = (w.astype(jnp.float32) + d).astype(w.dtype)
+        m = pairs[p].get(dora.MAGNITUDE)
+        if m is None:
+            merged = (w.astype(jnp.float32) + d).astype(w.dtype)
+        elif sign > 0:
+            merged = dora.merge_weight(w.astype(jnp.float32), d, m, lay, dora.read_normed(p, lay, m.shape))
+            merged = merged.astype(w.dtype)
+        else:
+            merged = dora.unmerge_weight(w.astype(jnp.float32), d, m, norms[p], lay).astype(w.dtype)
         if requantize is None or q is None:
             return merged
         out = requantize_like(q, merged)
@@ -84,10 +93,38 @@ def merge_requantized(frozen, adapters, config: LoraConfig) -> tuple[object, dic
     return merged, dict(sorted(report.items()))
 
 
-def unmerge(merged, adapters, config: LoraConfig):
+def dora_norms(frozen, adapters, config: LoraConfig) -> dict:
+    """`{path: ||W + scale * a @ b||}` for each DoRA pair: the column norms (float32, W's rank with size 1 on the
+    normed axes) that `merge` divides by and that the merged weights no longer hold; `unmerge` of DoRA adapters
+    needs them (`norms=`). Take them from the frozen tree before merging."""
+    check_adapters(frozen, adapters, config)
+    pairs, _ = flatten_adapters(adapters)
+    leaves = dict(jax.tree_util.tree_flatten_with_path(combine(frozen, adapters), is_leaf=is_quantized)[0])
+    leaves = {path_str(k): v for k, v in leaves.items()}
+    out = {}
+    for p, pair in sorted(pairs.items()):
+        if dora.MAGNITUDE in pair:
+            w = leaves[p].dequantize(jnp.float32) if is_quantized(leaves[p]) else leaves[p]
+            a, b, m = pair["lora_a"], pair["lora_b"], pair[dora.MAGNITUDE]
+            lay = read_layout(p, w.shape, a.shape, b.shape, config.fused_for(p))
+            v = w.astype(jnp.float32) + delta(a, b, lay, config.scale_for(p))
+            out[p] = dora.direct_norms(v, lay, dora.read_normed(p, lay, m.shape))
+    return out
+
+
+def unmerge(merged, adapters, config: LoraConfig, *, norms=None):
     """The inverse of `merge`: subtracts each update again and returns the frozen tree (the leaves trained in
-    full set back to None), up to float rounding. The same checks as `merge`."""
+    full set back to None), up to float rounding. The same checks as `merge`. DoRA adapters (config.dora) need
+    `norms`, the `dora_norms(frozen, adapters, config)` taken before merging: merging W' = m * V / ||V|| keeps
+    only the direction of V = W + scale * a @ b, not its norm, so W cannot be recovered without them."""
     check_adapters(merged, adapters, config)
     _, full = flatten_adapters(adapters)
-    base = _apply_deltas(merged, adapters, config, -1.0)
+    pairs, _ = flatten_adapters(adapters)
+    need = sorted(p for p, pair in pairs.items() if dora.MAGNITUDE in pair)
+    missing = [p for p in need if not isinstance(norms, dict) or p not in norms]
+    if missing:
+        raise ValueError(f"unmerge of DoRA adapters needs norms= for {missing[:4]}: merging keeps only the direction "
+                         f"of W + scale * a @ b, not its column norms; take them before merging with "
+                         f"norms = jlora.dora_norms(frozen, adapters, config) and pass unmerge(..., norms=norms)")
+    base = _apply_deltas(merged, adapters, config, -1.0, norms=norms)
     return jax.tree_util.tree_map_with_path(lambda p, x: None if path_str(p) in full else x, base)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from jlora.config import LoraConfig
-from jlora.paths import LORA_KEYS, flatten_adapters, nest, path_str, select_targets, trained_in_full, trains_in_full
+from jlora.paths import PAIR_KEYS, flatten_adapters, nest, path_str, select_targets, trained_in_full, trains_in_full
 
 
 def split(variables, config: LoraConfig, *, targets: list[str] | None = None) -> tuple[object, dict]:
@@ -41,15 +41,15 @@ def combine(frozen, adapters) -> object:
 
 
 def trainable_mask(tree, config: LoraConfig | None = None):
-    """A bool pytree like `tree`: True at `lora_a`/`lora_b` leaves, and (with a config) at leaves that train in
-    full: every bias with bias='all', a bias beside a lora pair with bias='lora_only', leaves under
-    `modules_to_save`. Works on an adapters tree, on `(frozen, adapters)`, or on any tree holding lora pairs."""
+    """A bool pytree like `tree`: True at `lora_a`/`lora_b` (and DoRA `magnitude`) leaves, and (with a config) at
+    leaves that train in full: every bias with bias='all', a bias beside a lora pair with bias='lora_only', leaves
+    under `modules_to_save`. Works on an adapters tree, on `(frozen, adapters)`, or on any tree holding lora pairs."""
     paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    lora_modules = {p.rsplit("/", 2)[0] for p in paths if p.rsplit("/", 1)[-1] in LORA_KEYS and p.count("/") >= 2}
+    lora_modules = {p.rsplit("/", 2)[0] for p in paths if p.rsplit("/", 1)[-1] in PAIR_KEYS and p.count("/") >= 2}
 
     def is_trainable(path, leaf):
         p = path_str(path)
-        if p.rpartition("/")[2] in LORA_KEYS:
+        if p.rpartition("/")[2] in PAIR_KEYS:
             return True
         return config is not None and trains_in_full(p, config, lora_modules)
 

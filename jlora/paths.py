@@ -13,6 +13,8 @@ from jlora.config import LoraConfig, _suffix_match, path_matches
 from jlora.qarray import is_quantized
 
 LORA_KEYS = ("lora_a", "lora_b")
+MAGNITUDE = "magnitude"  # DoRA's trained magnitude beside a pair (jlora.variants.dora)
+PAIR_KEYS = (*LORA_KEYS, MAGNITUDE)  # every trained leaf of one adapter
 
 
 def _key_name(key) -> str:
@@ -154,20 +156,21 @@ def nest(flat: Mapping[str, Any]) -> dict:
 def flatten_adapters(adapters) -> tuple[dict[str, dict], dict[str, Any]]:
     """Splits an adapter tree into `{path: {"lora_a", "lora_b"}}` pairs and `{path: array}` full leaves.
 
-    A mapping holding `lora_a` or `lora_b` is a pair: one that lacks either, or holds another key, raises a
-    ValueError naming its path."""
+    A mapping holding `lora_a` or `lora_b` is a pair (with DoRA also a `magnitude`, kept in the pair's dict): one
+    that lacks either, or holds another key, raises a ValueError naming its path."""
     pairs: dict[str, dict] = {}
     full: dict[str, Any] = {}
 
     def walk(node, prefix):
         if isinstance(node, Mapping) and set(node) & set(LORA_KEYS):
             missing = [k for k in LORA_KEYS if k not in node]
-            extra = sorted(str(k) for k in node if k not in LORA_KEYS)
+            extra = sorted(str(k) for k in node if k not in PAIR_KEYS)
             if missing or extra:
                 what = "; ".join(([f"{' and '.join(missing)} missing"] if missing else [])
                                  + ([f"extra {extra}"] if extra else []))
                 raise ValueError(
-                    f"the lora pair at {prefix or '<root>'!r} must hold exactly lora_a and lora_b, found "
+                    f"the lora pair at {prefix or '<root>'!r} must hold exactly lora_a and lora_b (and a DoRA "
+                    f"magnitude), found "
                     f"{sorted(str(k) for k in node)} ({what}); rebuild it as {{'lora_a': ..., 'lora_b': ...}} "
                     f"(lora.init makes it)"
                 )

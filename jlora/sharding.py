@@ -117,13 +117,19 @@ def _derive(variables, adapters, config, mesh, *, metadata: bool):
                                  f"`fused`)") from None
             raise
         sharding = _sharding(path, w, source, mesh, metadata)
+        m = pair.get("magnitude")  # DoRA: W's rank, size 1 on the normed axes
         if sharding is None:
             out[f"{path}/lora_a"] = out[f"{path}/lora_b"] = None
+            if m is not None:
+                out[f"{path}/magnitude"] = None
             continue
         spec = _padded(path, sharding.spec, len(w.shape))
         prefix = [spec[i] for i in range(lay.n_prefix)]
         out[f"{path}/lora_a"] = _factor(sharding, prefix + [spec[i] for i in lay.a_idx] + [None], a.shape)
         out[f"{path}/lora_b"] = _factor(sharding, prefix + [None] + [spec[i] for i in lay.b_idx], b.shape)
+        if m is not None:
+            out[f"{path}/magnitude"] = _factor(sharding, [s if n == w.shape[i] else None
+                                                          for i, (s, n) in enumerate(zip(spec, m.shape))], m.shape)
     for path, leaf in full.items():
         base = _lookup(bases, path, "an array trained in full")
         if base is None:  # lora.init's frozen tree: the slot is None, the adapter leaf is the base leaf itself

@@ -20,6 +20,7 @@ from jlora.config import LoraConfig
 from jlora.layout import read_layout
 from jlora.paths import flatten_adapters, named_leaves, nest
 from jlora.validate import check_pairs
+from jlora.variants.dora import check_unrouted
 
 
 def exact(path: str) -> str:
@@ -148,6 +149,8 @@ def stack(adapters_list, configs, *, max_rank: int | None = None, fold_scales: b
         except ValueError as e:
             raise ValueError(f"stack: adapters[{k}] do not match configs[{k}]: {e}") from None
     flats = [flatten_adapters(tree) for tree in adapters_list]
+    for flat in flats:
+        check_unrouted(flat[0])  # DoRA: a ValueError (jlora.variants.dora)
     _agree(flats, configs)
     spec = []
     for path in sorted(flats[0][0]):

@@ -37,23 +37,26 @@ class Leaf:
 class Tracked:
     """The value `w + scale * (a @ b)` viewed through structural ops. `axes[i]` lists the atoms of axis i."""
 
-    def __init__(self, w, a, b, *, axes: tuple[tuple[int, ...], ...], removed: frozenset, leaf: Leaf, route=None):
+    def __init__(self, w, a, b, *, axes: tuple[tuple[int, ...], ...], removed: frozenset, leaf: Leaf, route=None,
+                 gain=None):
         # w: an array, or a jlora.deferred.Deferred (a quantized base, dequantized at the consumer);
         # route: None, or int (batch,) adapter indices, a and b then stacked on a leading adapter axis (jlora.routing)
+        # gain: None, or DoRA's g (jlora.variants.dora): one axis per atom not removed, in atom order, size 1 on the
+        # normed atoms; the value is then g * (w + scale * a @ b)
         self.w, self.a, self.b, self.route = w, a, b, route  # a: shape=P'+A+(R,), b: shape=P'+(R,)+B (b fused-expanded)
-        self.axes, self.removed, self.leaf = axes, removed, leaf
+        self.axes, self.removed, self.leaf, self.gain = axes, removed, leaf, gain
 
     def tree_flatten(self):
-        return (self.w, self.a, self.b, self.route), (self.axes, self.removed, self.leaf)
+        return (self.w, self.a, self.b, self.route, self.gain), (self.axes, self.removed, self.leaf)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        w, a, b, route = children
-        return cls(w, a, b, axes=aux[0], removed=aux[1], leaf=aux[2], route=route)
+        w, a, b, route, gain = children
+        return cls(w, a, b, axes=aux[0], removed=aux[1], leaf=aux[2], route=route, gain=gain)
 
     def replace(self, **kw) -> Tracked:
         fields: dict[str, Any] = dict(w=self.w, a=self.a, b=self.b, axes=self.axes, removed=self.removed,
-                                      leaf=self.leaf, route=self.route)
+                                      leaf=self.leaf, route=self.route, gain=self.gain)
         fields.update(kw)
         return Tracked(fields.pop("w"), fields.pop("a"), fields.pop("b"), **fields)
 
@@ -90,6 +93,16 @@ class Tracked:
         sizes = [math.prod(self.leaf.shape[t] for t in self.axes[i]) for i in sel]
         return arr.reshape(sizes + [arr.shape[-1]]).astype(self.w.dtype), sel
 
+    def atoms(self) -> list[int]:
+        """W's axes not sliced away by a scan, ascending: the axes of `gain`."""
+        return [k for k in range(len(self.leaf.shape)) if k not in self.removed]
+
+    def gain_view(self):
+        """DoRA's gain in this value's axes (size 1 where it is constant), or None (see `jlora.variants.dora.view`)."""
+        from jlora.variants.dora import view
+
+        return view(self.gain, self.axes, self.atoms(), self.leaf.shape)
+
     def materialize(self):
         """`w + scale * delta` in the current view: the fallback for a consumer that cannot run factored."""
         if self.analysis:
@@ -98,7 +111,13 @@ class Tracked:
         order = [t for ax in self.axes for t in ax]
         d = jnp.einsum(self.a.astype(jnp.float32), la, self.b.astype(jnp.float32), lb, order,
                        precision=jax.lax.Precision.HIGHEST)
-        return value(self.w) + (self.leaf.scale * d).reshape(self.w.shape).astype(self.w.dtype)
+        out = value(self.w) + (self.leaf.scale * d).reshape(self.w.shape).astype(self.w.dtype)
+        if self.gain is None:
+            return out
+        atoms = self.atoms()
+        g = jnp.transpose(self.gain, [atoms.index(t) for t in order])
+        g = jnp.broadcast_to(g, [self.leaf.shape[t] for t in order]).reshape(self.w.shape)
+        return (g * out).astype(out.dtype)
 
     # --- structural ops -----------------------------------------------------------------------------------
     def transpose(self, perm) -> Tracked:

@@ -20,6 +20,8 @@ from jlora.qarray import is_quantized
 from jlora.sharding import place
 from jlora.tracked import Leaf, Tracked
 from jlora.validate import check_adapters, warn_rank
+from jlora.variants import dora
+from jlora.variants import init as rewriting
 
 
 def _as_function(fn) -> Callable:
@@ -81,7 +83,10 @@ class LoraTransform:
         Traces `fn(variables, *example_args, **example_kwargs)` once to see how each target is consumed.
         `frozen` is `variables` with the leaves that train in full (biases per `config.bias`, `modules_to_save`)
         set to None; `adapters` is a nested dict mirroring the variables' paths, holding
-        `{"lora_a": ..., "lora_b": ...}` at each target and the arrays trained in full. On sharded variables
+        `{"lora_a": ..., "lora_b": ...}` at each target and the arrays trained in full. With an init that rewrites
+        the base (`config.init` 'pissa', 'pissa_niter_K', 'olora': jlora.variants.init) `frozen` holds each
+        targeted weight's residual W - s*a@b instead of W (same shape and dtype): apply, save and load the adapters
+        with that frozen tree, or export them for W with `jlora.convert_to_plain_lora`. On sharded variables
         the adapters come placed with `jlora.adapter_shardings(variables, adapters)`; under jit give those as
         `out_shardings` (unless the mesh's axes are Explicit, where init reshards them itself).
         """
@@ -93,7 +98,7 @@ class LoraTransform:
         records = analysis.analyse(self.fn, variables, example_args, example_kwargs,
                                    {index[p]: p for p in targets})
         keys = jax.random.split(key, len(targets))
-        pairs = {}
+        pairs, residuals = {}, {}
         for path, k in zip(targets, keys):
             w = named[index[path]][1]
             plan = analysis.decide(path, tuple(w.shape), records.get(index[path], []))
@@ -104,11 +109,22 @@ class LoraTransform:
             lay = layout.Layout(tuple(w.shape), plan.n_prefix, len(plan.a_axes), config.rank_for(path), fused,
                                 plan.a_axes)
             lay.check(path)
+            dtype = config.dtype or jnp.promote_types(w.dtype, jnp.float32)
+            if rewriting.rewrites_base(config.init):  # PiSSA / OLoRA: W becomes the residual W - s*a@b
+                a, b, residuals[path] = rewriting.rewrite_init(k, w, lay, init=config.init, dtype=dtype, path=path,
+                                                               scale=config.scale_for(path))
+            else:
+                a, b = layout.init_factors(k, lay, kind=plan.kind, input_side=plan.input_side, init=config.init,
+                                           dtype=dtype)
             warn_rank(path, lay)
-            a, b = layout.init_factors(k, lay, kind=plan.kind, input_side=plan.input_side, init=config.init,
-                                       dtype=config.dtype or jnp.promote_types(w.dtype, jnp.float32))
             pairs[path] = {"lora_a": a, "lora_b": b}
+            if config.dora:  # m = ||W + s a @ b|| over the input axes (jlora.variants.dora), W the frozen weight
+                base = residuals.get(path, Deferred(w) if is_quantized(w) else w)
+                pairs[path][dora.MAGNITUDE] = dora.init_magnitude(base, a, b, lay, config.scale_for(path),
+                                                                  plan.input_side, a.dtype)
         frozen, trainable = split(variables, config, targets=targets)
+        if residuals:
+            frozen = rewriting.with_residuals(frozen, residuals)
         adapters = nest(pairs)
         _merge_nested(adapters, trainable)
         return frozen, place(variables, adapters, config)  # each pair sharded as its weight (jlora.sharding)
@@ -133,6 +149,8 @@ class LoraTransform:
                                                           adapters)
         check_adapters(frozen, one, self.config)  # shapes and paths only: at trace time under jit
         _, full = flatten_adapters(adapters)
+        if route is not None:
+            dora.check_unrouted(flatten_adapters(adapters)[0])
         if route is not None and full:
             raise ValueError(f"per-row routing supports lora pairs only, but the adapters train {sorted(full)} in "
                              f"full (bias / modules_to_save); route adapters made with bias='none' and no "
@@ -151,7 +169,12 @@ class LoraTransform:
             axes = tuple((k,) for k in range(w.ndim))
             base = Deferred(w) if is_quantized(w) else w  # a quantized base is dequantized at its consumer
             fb = layout.fused_b(b, lay) if route is None else jax.vmap(lambda b, lay=lay: layout.fused_b(b, lay))(b)
-            tracked[index[path]] = Tracked(base, a, fb, axes=axes, removed=frozenset(), leaf=leaf, route=route)
+            g = None
+            if dora.MAGNITUDE in pair:  # g = m / stop_gradient(||W + s a @ b||), computed factored
+                m = pair[dora.MAGNITUDE]
+                g = dora.gain(base, a, b, m, lay, leaf.scale, dora.read_normed(path, lay, m.shape))
+            tracked[index[path]] = Tracked(base, a, fb, axes=axes, removed=frozenset(), leaf=leaf, route=route,
+                                           gain=g)
         ctx = Context(strict=self.strict, key=dropout_key, routed=vmapped)
         out = analysis.run(self.fn, variables, args, kwargs,
                            lambda i, x: tracked.get(i, Deferred(x) if is_quantized(x) else x), ctx)

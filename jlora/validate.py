@@ -71,6 +71,17 @@ def _pair_problem(path: str, a, b, config: LoraConfig) -> str | None:
     return f"{path}: {shapes} are {got}, but the config gives {_want(config, path)}"
 
 
+def _dora_problem(path: str, pair: dict, config: LoraConfig) -> str | None:
+    """A pair's DoRA magnitude against `config.dora`: present exactly when DoRA is on."""
+    if config.dora and "magnitude" not in pair:
+        return (f"{path}: config.dora is True but the pair has no 'magnitude' (DoRA's trained magnitude): these "
+                f"adapters were made with dora=False")
+    if not config.dora and "magnitude" in pair:
+        return (f"{path}: the pair holds a DoRA 'magnitude' {tuple(getattr(pair['magnitude'], 'shape', ()))} but "
+                f"config.dora is False: these adapters were made with dora=True")
+    return None
+
+
 def check_pairs(adapters, config: LoraConfig) -> None:
     """Raises a ValueError naming every lora pair of `adapters` that is malformed (not exactly lora_a and
     lora_b, or not arrays of >= 2 dims) or whose rank is not `config.rank_for(path)` (times the enabled
@@ -85,7 +96,7 @@ def check_pairs(adapters, config: LoraConfig) -> None:
         if bad:
             problems.append(f"{path}: {' and '.join(bad)} must be arrays of at least 2 dims, got "
                             + ", ".join(f"{k} {type(x).__name__} {getattr(x, 'shape', '')}" for k, x in pair.items()))
-        elif problem := _pair_problem(path, a, b, config):
+        elif problem := _pair_problem(path, a, b, config) or _dora_problem(path, pair, config):
             problems.append(problem)
     if problems:
         raise ValueError("the adapters do not match the config:\n  " + "\n  ".join(problems) + f"\n{FIX}")
@@ -143,7 +154,11 @@ def check_adapters(variables, adapters, config: LoraConfig) -> None:
                          + "\n  ".join(wrong) + "\nwere the adapters made for another model?")
     for path in targets:
         w, pair = leaves[path], pairs[path]
-        read_layout(path, w.shape, pair["lora_a"].shape, pair["lora_b"].shape, config.fused_for(path))
+        lay = read_layout(path, w.shape, pair["lora_a"].shape, pair["lora_b"].shape, config.fused_for(path))
+        if "magnitude" in pair:
+            from jlora.variants.dora import read_normed
+
+            read_normed(path, lay, pair["magnitude"].shape)
 
 
 def warn_rank(path: str, layout: Layout) -> None:

@@ -245,7 +245,7 @@ def _edit_tensors(tmp_path, edit):
 def test_errors(tmp_path):
     """(d) each failure is a ValueError naming what is wrong."""
     variables = _saved(tmp_path)
-    for changes, match in [({"peft_type": "IA3"}, "peft_type is 'IA3'"), ({"use_dora": True}, "DoRA"),
+    for changes, match in [({"peft_type": "IA3"}, "peft_type is 'IA3'"), ({"use_dora": True}, "lora_magnitude_vector"),
                            ({"lora_bias": True}, "lora_bias")]:
         _saved(tmp_path)
         _edit_config(tmp_path, **changes)
@@ -265,7 +265,7 @@ def test_errors(tmp_path):
 
     _saved(tmp_path)
     _edit_tensors(tmp_path, lambda t: {**t, f"{query}.lora_magnitude_vector": t[f"{query}.base_layer.bias"].clone()})
-    with pytest.raises(ValueError, match="lora_magnitude_vector.*does not support"):
+    with pytest.raises(ValueError, match=r"use_dora=False in adapter_config.json\), found .*lora_magnitude_vector"):
         load_peft(tmp_path, variables)
 
     _saved(tmp_path)

@@ -140,12 +140,46 @@ def test_all_linear_covers_every_linear_but_the_head(tmp_path):
 # --- 3. inits that rewrite the base weights; features jlora would silently ignore ----------------------------------
 
 
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "lora_ga"])
+@pytest.mark.parametrize("init", ["corda", "lora_ga"])
 def test_base_rewriting_init_is_refused(init, tmp_path):
     directory = _write(tmp_path / "a", init_lora_weights=init)
     with pytest.raises(ValueError, match=rf"adapter_config.json: init_lora_weights='{init}' rewrites the base weights"
                                          r".*path_initial_model_for_weight_conversion"):
         load_peft(directory, _variables())
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_load_as_rank_2r_on_the_original_base(init, tmp_path):
+    """PEFT re-runs PiSSA / OLoRA on the base it loads onto: jlora rebuilds A0, B0 from the variables and returns
+    [A | A0] [B ; -B0] (rank 2r, alpha x2: same scale); before, the file was refused."""
+    variables = _variables()
+    adapters, config = load_peft(_write(tmp_path / "a", init_lora_weights=init), variables)
+    path = f"params/{Q1.replace('.', '/')}/kernel"
+    pair = adapters["params"]["encoder"]["layer"]["1"]["attention"]["self"]["query"]["kernel"]
+    np.testing.assert_array_equal(pair["lora_a"][:, :R], _factors(Q1, 2)[f"{PREFIX}{Q1}.lora_A.weight"].T)
+    assert pair["lora_a"].shape == (IN, 2 * R) and pair["lora_b"].shape == (2 * R, OUT)
+    assert config.rank_for(path) == 2 * R and config.scale_for(path) == pytest.approx(ALPHA / R)
+    a0, b0 = pair["lora_a"][:, R:], -pair["lora_b"][R:]
+    w = variables["params"]["encoder"]["layer"]["1"]["attention"]["self"]["query"]["kernel"]
+    resid = np.linalg.svd(w - ALPHA / R * a0 @ b0, compute_uv=False)
+    if init == "pissa":  # the residual holds the trailing singular values only
+        np.testing.assert_allclose(resid[: IN - R], np.linalg.svd(w, compute_uv=False)[R:], rtol=1e-4)
+
+
+@pytest.mark.parametrize("init, extra, match", [
+    ("pissa_niter_4", {}, "randomized SVD drawn from torch's RNG"),
+    ("pissa", {"use_dora": True}, "with use_dora"),
+    ("olora", {"fan_in_fan_out": True}, "untransposed"),
+])
+def test_pissa_olora_files_jlora_cannot_rebuild(init, extra, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        load_peft(_write(tmp_path / "a", init_lora_weights=init, **extra), _variables())
+
+
+def test_pissa_file_needs_concrete_weights(tmp_path):
+    abstract = jax.eval_shape(_variables)
+    with pytest.raises(ValueError, match="init_lora_weights='pissa'.*pass the concrete original base weights"):
+        load_peft(_write(tmp_path / "a", init_lora_weights="pissa"), abstract)
 
 
 def test_loftq_and_unknown_inits_are_refused(tmp_path):

@@ -1,5 +1,5 @@
 """load_peft's coverage checks and refusals against PEFT itself: which modules PEFT adapts, what PEFT does with a
-missing or unexpected tensor, and the PiSSA conversion the refusal recommends.
+missing or unexpected tensor, and PiSSA / OLoRA adapters, unconverted and converted.
 
     python -m pytest -q tests/test_interop_peft_torch.py
 
@@ -92,24 +92,29 @@ def test_missing_and_unexpected_tensors_like_peft(tmp_path):
     np.testing.assert_allclose(got, want, **TOL)
 
 
-def test_pissa_is_refused_and_its_conversion_loads(tmp_path):
-    """PiSSA rewrites the base weights in PEFT: load_peft refuses the adapter; converted as its message says
-    (path_initial_model_for_weight_conversion), it loads onto the original base with the PiSSA model's outputs."""
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_load_unconverted_and_converted(init, tmp_path):
+    """PiSSA / OLoRA rewrite the base weights in PEFT: load_peft rebuilds the initial factors from the original base
+    and loads the unconverted adapter as the rank-2r plain LoRA [A | A0] [B ; -B0], with the PEFT model's outputs;
+    converted by PEFT (path_initial_model_for_weight_conversion) it loads too, with the same outputs."""
     variables, (ids, img) = tiny_variables(), tiny_inputs()
     model = peft.get_peft_model(torch_tiny(variables), peft.LoraConfig(
-        r=R, lora_alpha=ALPHA, target_modules=["query", "value"], init_lora_weights="pissa"))
-    model.save_pretrained(tmp_path / "pissa")
-    with pytest.raises(ValueError, match="init_lora_weights='pissa' rewrites the base weights"):
-        load_peft(tmp_path / "pissa", variables)
-    model.peft_config["default"].init_lora_weights = True  # the steps the error message gives
-    model.save_pretrained(tmp_path / "init")
+        r=R, lora_alpha=ALPHA, target_modules=["query", "value"], init_lora_weights=init))
+    init_dir = tmp_path / "init"
+    model.peft_config["default"].init_lora_weights = True  # PEFT's conversion recipe
+    model.save_pretrained(init_dir)
+    model.peft_config["default"].init_lora_weights = init
     model = _perturb_torch(model)
     want = torch_forward(model, ids, img)  # on PEFT's rewritten base
-    model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert np.abs(want - torch_forward(torch_tiny(variables), ids, img)).max() > 1e-2
+    model.save_pretrained(tmp_path / "raw")  # init_lora_weights=init: PEFT re-runs the init on load
+    model.peft_config["default"].init_lora_weights = True  # else PEFT warns, loading the initial adapter beside it
+    model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(init_dir))
     for readme in tmp_path.glob("*/README.md"):
         readme.unlink()
-    adapters, config = load_peft(tmp_path / "lora", variables)
-    assert config.rank == 2 * R
-    got = np.asarray(jlora.lora_transform(jax_tiny, config, strict=True).apply(variables, adapters, ids, img))
-    assert np.abs(want - torch_forward(torch_tiny(variables), ids, img)).max() > 1e-2
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for name in ("raw", "lora"):
+        adapters, config = load_peft(tmp_path / name, variables)
+        query = "params/encoder/layer/0/attention/self/query/kernel"
+        assert config.rank_for(query) == 2 * R and config.init == "loralib", name
+        got = np.asarray(jlora.lora_transform(jax_tiny, config, strict=True).apply(variables, adapters, ids, img))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)

@@ -150,3 +150,16 @@ def test_many_adapters_sections_run_as_pasted(capsys):
     np.testing.assert_allclose(ns["logits"][2:3], base, rtol=1e-5, atol=1e-4)
     ns = _run_block(12, "jlora.combine_adapters")
     assert ns["config"].rank == 12
+
+
+def test_lora_family_section_runs_as_pasted(capsys):
+    import jax
+    import numpy as np
+
+    ns = _run_block(13, "dora=True")
+    assert capsys.readouterr().out.split() == ["(1,", "256)", "True", "(4,", "64,", "4)"]
+    mlp = ns["adapters"]["params"]["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"]
+    assert float(jax.numpy.abs(mlp["lora_b"]).max()) > 0 and np.isfinite(float(ns["loss"]))  # DoRA + LoRA+ trained
+    for got, want in zip(jax.tree.leaves(ns["restored"]), jax.tree.leaves(ns["frozen"]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # unmerge with the norms inverts merge
+    assert ns["plain_config"].rank == 16 and ns["logits"].shape == (4, 32, 512)

@@ -159,6 +159,9 @@ def to_loralib(adapters, config: LoraConfig) -> dict[str, np.ndarray]:
     out = {}
     for path, pair in sorted(pairs.items()):
         a, b = np.asarray(pair["lora_a"]), np.asarray(pair["lora_b"])
+        if "magnitude" in pair:
+            raise ValueError(f"{path}: a DoRA adapter (config.dora) has no loralib equivalent; save it with save_peft "
+                             f"(PEFT's use_dora)")
         if a.ndim != 2 or b.ndim != 2 or path.rsplit("/", 1)[-1] not in ("kernel", "embedding"):
             raise ValueError(f"{path}: lora_a {a.shape} / lora_b {b.shape} has no loralib equivalent (Linear, "
                              f"MergedLinear and Embedding only)")

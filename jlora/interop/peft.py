@@ -11,7 +11,9 @@ jlora's models name modules as Hugging Face does: the flax leaf `params/a/b/kern
   of full module names adapted, rank_pattern / alpha_pattern (full module names) where a target's rank or alpha
   differs from the default, use_rslora (scaling='rslora'), lora_dropout, bias, modules_to_save (full names of the
   modules whose leaves train in full), fan_in_fan_out (a keyword: True for GPT-2, whose Conv1D weights are stored
-  (in, out)), init_lora_weights and inference_mode true.
+  (in, out)), inference_mode true and init_lora_weights true ('pissa' / 'olora' for such adapters on Dense kernels,
+  which PEFT re-initialises on the original base it loads onto: jlora.variants.peft_init; other base-rewriting
+  adapters are refused: convert them first, `jlora.convert_to_plain_lora`).
 - `adapter_model.safetensors`, PEFT's keys and torch layouts (the factors keep their dtype):
   Linear `base_model.model.<module>.lora_A.weight` (r, in) = lora_a^T and `.lora_B.weight` (out, r) = lora_b^T;
   Embedding `.lora_embedding_A` (r, vocab) = lora_a^T and `.lora_embedding_B` (dim, r) = lora_b^T;
@@ -45,10 +47,13 @@ import jax.numpy as jnp
 
 from jlora.atomic import replace_dir
 from jlora.config import LoraConfig, path_matches
+from jlora.interop.peft_experts import export as export_experts
+from jlora.interop.peft_experts import is_expert_pair
 from jlora.interop.peft_files import CONFIG_NAME, WEIGHTS_NAME, is_peft_dir
 from jlora.layout import Layout, fused_b
 from jlora.models.hf import LEAF_TO_HF, default_key
 from jlora.paths import flatten_adapters, path_str, under
+from jlora.variants.peft_init import peft_init_value
 
 PREFIX = "base_model.model."
 CONV1D_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")  # transformers' GPT-2 Conv1D modules: weight (in, out)
@@ -95,6 +100,7 @@ def save_peft(directory, adapters, config: LoraConfig, *, base_model_name_or_pat
     pairs, full = flatten_adapters(adapters)
     if not pairs:
         raise ValueError("the adapters hold no lora_a / lora_b pair: nothing to export")
+    experts = {p: pairs.pop(p) for p in list(pairs) if is_expert_pair(p, pairs[p])}  # PEFT's target_parameters
     weights = dict(all_leaves(variables)) if variables is not None else {}
     rslora = config.scaling == "rslora"
     tensors, rank_pattern, alpha_pattern, fused_meta = {}, {}, {}, {}
@@ -122,6 +128,9 @@ def save_peft(directory, adapters, config: LoraConfig, *, base_model_name_or_pat
         else:
             tensors[key + ".lora_A.weight"] = jnp.transpose(a, (a.ndim - 1, a.ndim - 2, *range(a.ndim - 2)))
             tensors[key + ".lora_B.weight"] = b.T.reshape(b.shape[1], r, *(1,) * (a.ndim - 2))
+        if "magnitude" in pair:  # DoRA (jlora.variants.dora): PEFT's (out,), a conv's (1, out, 1...)
+            tensors[key + ".lora_magnitude_vector"] = _peft_magnitude(path, jnp.asarray(pair["magnitude"]), a, mask,
+                                                                      leaf == "embedding")
         if r != config.rank:
             rank_pattern[module] = r
         if alpha != config.alpha:
@@ -143,8 +152,12 @@ def save_peft(directory, adapters, config: LoraConfig, *, base_model_name_or_pat
         "r": config.rank, "lora_alpha": config.alpha, "target_modules": sorted(lora_modules),
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": rslora,
         "lora_dropout": config.dropout, "bias": config.bias, "modules_to_save": sorted(saved) or None,
-        "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "inference_mode": True, "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
+        "init_lora_weights": peft_init_value(config, {**pairs, **experts}, fan_in_fan_out=fan_in_fan_out),
+        "use_dora": config.dora,
     }
+    if experts:  # 3-D expert tensors (jlora.interop.peft_experts)
+        peft_config["target_parameters"] = export_experts(experts, config, tensors, rank_pattern, alpha_pattern)
     directory = Path(directory)
     empty = directory.is_dir() and not directory.is_symlink() and not os.listdir(directory)
     meta = {"format": "pt", "jlora": json.dumps({"version": 1, "fused": fused_meta}, sort_keys=True)}
@@ -154,6 +167,18 @@ def save_peft(directory, adapters, config: LoraConfig, *, base_model_name_or_pat
         (new / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
         save_file({k: jnp.asarray(v) for k, v in tensors.items()}, new / WEIGHTS_NAME, metadata=meta)
     return directory
+
+
+def _peft_magnitude(path: str, m, a, mask, embed: bool):
+    """PEFT's lora_magnitude_vector from jlora's magnitude (1, ..., 1, out): (out,), or (1, out, 1...) for a conv."""
+    if mask or any(n != 1 for n in m.shape[:-1]):
+        raise ValueError(f"{path}: a DoRA magnitude {tuple(m.shape)} on "
+                         f"{'a fused projection' if mask else 'weight axes other than the output'} has no PEFT "
+                         f"equivalent; PEFT's DoRA takes Linear and Conv layers (one magnitude per output) and "
+                         f"Embedding layers")
+    if embed or a.ndim == 2:
+        return m.reshape(-1)
+    return m.reshape(1, -1, *(1,) * (a.ndim - 2))
 
 
 def close_names(index: dict, key: str) -> list[str]:

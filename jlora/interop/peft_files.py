@@ -2,10 +2,11 @@
 and `adapter_model.safetensors` (a whole file of floating-point tensors).
 
 Each problem is a ValueError naming the file, what is wrong and what to do; a missing file is a FileNotFoundError.
-`adapter_config.json` is refused when it uses a PEFT feature jlora does not implement (DoRA, lora_bias, ...), an
-`init_lora_weights` that rewrites the base weights in PEFT (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ: the factors only
-mean something on that rewritten base, which jlora does not have), or a field jlora does not know (a newer PEFT's
-option could change what the tensors mean).
+`adapter_config.json` is refused when it uses a PEFT feature jlora does not implement (lora_bias, ...), an
+`init_lora_weights` that rewrites the base weights in PEFT in a way jlora cannot rebuild (CorDA, LoRA-GA, LoftQ: the
+factors only mean something on that rewritten base, which jlora does not have; PiSSA and OLoRA are rebuilt from the
+base by `load_peft`, jlora.variants.peft_init), or a field jlora does not know (a newer PEFT's option could change
+what the tensors mean).
 """
 
 from __future__ import annotations
@@ -21,28 +22,31 @@ import jax.numpy as jnp
 from jlora.models.hf import read_json
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
-UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "lora_bias": "a bias on lora_B (lora_bias)", "use_qalora": "QALoRA",
-               "target_parameters": "LoRA on bare parameters", "layer_replication": "layer_replication",
+UNSUPPORTED = {"lora_bias": "a bias on lora_B (lora_bias)", "use_qalora": "QALoRA",
+               "layer_replication": "layer_replication",
                "trainable_token_indices": "trainable_token_indices", "alora_invocation_tokens": "aLoRA",
                "megatron_config": "Megatron parallel layers (megatron_config)", "use_bdlora": "BD-LoRA (use_bdlora)",
                "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA (kasa_config)",
                "arrow_config": "Arrow routing (arrow_config)", "enable_lora": "a merged linear (enable_lora)"}
 USED = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
         "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "bias", "modules_to_save", "fan_in_fan_out",
-        "init_lora_weights", "task_type"}
+        "init_lora_weights", "task_type", "target_parameters", "use_dora"}
 # no effect on what the tensors of a LoRA mean: bookkeeping, or options of an init / a feature checked above
 INERT = {"base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "megatron_core",
          "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
          "ensure_weight_tying", "merge_weights"}
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")  # the base weights stay as they are
-REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga")  # pissa_niter_<n> too; PEFT converts these to plain LoRA
+REBUILT_INITS = ("pissa", "olora")  # pissa_niter_<n> too: load_peft rebuilds the initial factors from the base
+REWRITING_INITS = ("corda", "lora_ga")  # PEFT converts these to plain LoRA
 
 
 def _init_error(file: Path, init) -> ValueError | None:
     name = init.lower() if isinstance(init, str) else None
     if isinstance(init, bool) or name in PLAIN_INITS:
         return None
-    if name is not None and (name in REWRITING_INITS or re.fullmatch(r"pissa_niter_\d+", name)):
+    if name is not None and (name in REBUILT_INITS or re.fullmatch(r"pissa_niter_\d+", name)):
+        return None  # load_peft: jlora.variants.peft_init (pissa_niter_<n> on a Linear is refused there)
+    if name is not None and name in REWRITING_INITS:
         return ValueError(
             f"{file}: init_lora_weights={init!r} rewrites the base weights in PEFT (W less the initial scaled B A), "
             f"and jlora would apply the factors to the unmodified base: the outputs would be wrong. Convert the "
@@ -88,6 +92,7 @@ _FIELDS = {  # field: (check, what it must be); None is allowed for all but r, l
     "bias": (lambda x: x in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'"),
     "use_rslora": (lambda x: isinstance(x, bool), "true or false"),
     "fan_in_fan_out": (lambda x: isinstance(x, bool), "true or false"),
+    "target_parameters": (lambda x: _names(x, regex=False), "a list of parameter names"),
 }
 
 

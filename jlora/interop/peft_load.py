@@ -19,12 +19,16 @@ import jax.numpy as jnp
 from jlora.config import LoraConfig
 from jlora.interop.coverage import layer_modules, peft_targets, report
 from jlora.interop.peft import PREFIX, all_leaves, close_names, full_to_torch, lookup_leaf
+from jlora.interop.peft_experts import take as take_experts
 from jlora.interop.peft_files import CONFIG_NAME, WEIGHTS_NAME, peft_pattern, read_peft_config, read_weights
 from jlora.layout import Layout, fused_b
 from jlora.models.hf import default_key
 from jlora.paths import nest, trains_in_full
+from jlora.variants.convert import doubled_alpha
+from jlora.variants.peft_init import pair_for_original_base, rebuilt_init
 
-_LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
+MAGNITUDE_KEY = "lora_magnitude_vector"  # DoRA's: (out,) for Linear / Embedding, (1, out, 1...) for Conv
+_LORA_KEY = re.compile(rf"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|{MAGNITUDE_KEY})")
 _COPY = re.compile(r"(.+)\.(modules_to_save|original_module)\..+")  # PEFT's duplicates of a saved module's leaves
 
 
@@ -43,6 +47,15 @@ def _unfuse(a, b, r: int, mask: tuple[bool, ...]):
     small = jnp.concatenate([b[k * r:(k + 1) * r, j * d:(j + 1) * d] for k, j in enumerate(slices)], axis=1)
     exact = bool(jnp.array_equal(fused_b(small, Layout((a.shape[0], b.shape[1]), 0, 1, r, mask)), b))
     return small if exact else None
+
+
+def _magnitude(item, a, b, fused: bool):
+    """jlora's DoRA magnitude (1, ..., 1, out) (W's rank: a's for a kernel, 2 for an embedding) from PEFT's."""
+    key, t = item
+    if fused or t.size != b.shape[-1] or sorted(t.shape, reverse=True)[1:] != [1] * (t.ndim - 1):
+        raise ValueError(f"{key} has shape {tuple(t.shape)}; jlora takes DoRA magnitudes of one entry per output "
+                         f"({b.shape[-1]}) on Linear, Conv and Embedding layers (not on fused projections)")
+    return t.reshape((1,) * (a.ndim - 1) + (b.shape[-1],))
 
 
 def _split(tensors: dict) -> tuple[dict, dict, dict]:
@@ -92,25 +105,30 @@ def load_peft(directory, variables, *, dtype=None, strict: bool = True) -> tuple
     `variables` (the full tree, `frozen`, or `jax.eval_shape`'s); factors are transposed to jlora's layout
     (lora_a (in, r), lora_b (r, out); conv lora_a (k..., in, r)) and cast to `dtype` (default: as stored). The
     config targets exactly the adapted paths (a regex, `with_targets`), with rank_pattern / alpha_pattern / fused per
-    path.
+    path. A PiSSA / OLoRA adapter (init_lora_weights 'pissa' / 'olora': trained on PEFT's residual base, which PEFT
+    rebuilds on load) comes back as the plain LoRA of rank 2r for the original `variables` (jlora.variants.peft_init:
+    the initial factors recomputed from their concrete weights); its embeddings, which PEFT leaves plain, stay rank r.
 
     Raises FileNotFoundError for a missing file; ValueError, naming the file: a damaged or foreign file
-    (`peft_files.read_peft_config` / `read_weights`), an unsupported feature or a base-rewriting init (PiSSA, OLoRA,
-    CorDA, LoRA-GA, LoftQ), a tensor rank that contradicts r / rank_pattern, a shape that does not fit (naming the
-    tensor and both shapes), or, unless `strict=False` (a warning, and the unused tensors are skipped), modules
+    (`peft_files.read_peft_config` / `read_weights`), an unsupported feature or a base-rewriting init jlora cannot
+    rebuild (pissa_niter_K, CorDA, LoRA-GA, LoftQ; PiSSA / OLoRA on abstract variables), a tensor rank that
+    contradicts r / rank_pattern, a shape that does not fit (naming the tensor and both shapes), or, unless
+    `strict=False` (a warning, and the unused tensors are skipped), modules
     target_modules covers with no tensors and tensors nothing uses.
     """
     directory = Path(directory)
     cfg = read_peft_config(directory)
     file = directory / WEIGHTS_NAME
     tensors, meta = read_weights(file)
+    tensors, experts, expert_meta, expert_missing = take_experts(cfg, tensors, all_leaves(variables), source=file,
+                                                                 peft_pattern=peft_pattern)  # target_parameters
     factors, full, copies = _split(tensors)
     leaves = all_leaves(variables)
     index = {default_key(p): (p, w) for p, w in leaves}
     modules = layer_modules(leaves)
     targeted = peft_targets(cfg, modules)
-    report(directory, missing=targeted - set(factors), unused=_unused(cfg, factors, full, copies, index, modules,
-                                                                      targeted),
+    unused = _unused(cfg, factors, full, copies, index, modules, targeted)
+    report(directory, missing=(targeted - set(factors)) | expert_missing, unused=unused,
            strict=strict, missing_why="that target_modules covers",
            fix="Load the adapter trained for these variables (the same model and number of layers)")
     factors = {m: parts for m, parts in factors.items() if m in targeted}
@@ -118,11 +136,14 @@ def load_peft(directory, variables, *, dtype=None, strict: bool = True) -> tuple
     fan = bool(cfg.get("fan_in_fan_out"))
     cast = (lambda x: x.astype(dtype)) if dtype is not None else (lambda x: x)
     flat, ranks, alphas, fused = {}, {}, {}, {}
+    rebuilt = rebuilt_init(cfg, directory / CONFIG_NAME)
     for module, parts in sorted(factors.items()):
         embed = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         names = ("lora_embedding_A", "lora_embedding_B") if embed else ("lora_A.weight", "lora_B.weight")
+        names += (MAGNITUDE_KEY,) if cfg.get("use_dora") else ()  # DoRA: jlora.variants.dora
         if set(parts) != set(names):
-            raise ValueError(f"{PREFIX}{module}: expected the tensors {names}, found {sorted(parts)}")
+            raise ValueError(f"{PREFIX}{module}: expected the tensors {names} (use_dora={bool(cfg.get('use_dora'))} "
+                             f"in {CONFIG_NAME}), found {sorted(parts)}")
         (ka, ta), (kb, tb) = parts[names[0]], parts[names[1]]
         path, w = lookup_leaf(index, f"{module}.weight", f"the adapter {ka}")
         leaf = path.rsplit("/", 1)[-1]
@@ -153,7 +174,16 @@ def load_peft(directory, variables, *, dtype=None, strict: bool = True) -> tuple
             b, r, alpha = small, spec["rank"], spec["alpha"]
             fused[path] = tuple(spec["enable_lora"])
         flat[path] = {"lora_a": cast(a), "lora_b": cast(b)}
+        if MAGNITUDE_KEY in parts:
+            flat[path]["magnitude"] = cast(_magnitude(parts[MAGNITUDE_KEY], a, b, bool(fused.get(path))))
         ranks[path], alphas[path] = r, alpha
+        if rebuilt and not embed:  # PiSSA / OLoRA: trained on W - s A0 B0, which PEFT rebuilds on load
+            scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+            flat[path] = pair_for_original_base(path, w, flat[path]["lora_a"], flat[path]["lora_b"], init=rebuilt,
+                                                scale=scale, where=f"{directory / CONFIG_NAME} ({ka})")
+            ranks[path], alphas[path] = 2 * r, doubled_alpha(alpha, bool(cfg.get("use_rslora")))
+    for path, pair in experts.items():  # 3-D expert tensors (jlora.interop.peft_experts)
+        flat[path], (ranks[path], alphas[path]) = {k: cast(v) for k, v in pair.items()}, expert_meta[path]
     if not flat:
         raise ValueError(f"{file} holds no LoRA tensors for these variables")
     saved_patterns = cfg.get("modules_to_save") or []
@@ -177,7 +207,7 @@ def load_peft(directory, variables, *, dtype=None, strict: bool = True) -> tuple
         scaling="rslora" if cfg.get("use_rslora") else "alpha_over_r",
         rank_pattern={p: r for p, r in ranks.items() if r != cfg["r"]},
         alpha_pattern={p: a for p, a in alphas.items() if a != cfg["lora_alpha"]},
-        modules_to_save=tuple(sorted(to_save)), fused=fused,
+        modules_to_save=tuple(sorted(to_save)), fused=fused, dora=bool(cfg.get("use_dora")),
     ).with_targets(ranks)
     lora_modules = {p.rpartition("/")[0] for p in ranks}
     expected = {p for p, _ in leaves if trains_in_full(p, config, lora_modules)}

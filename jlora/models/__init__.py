@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from jlora.models import bert, export, generation, gpt2, hf, llama, partitioning, shards
+from jlora.models import bert, export, generation, gpt2, hf, llama, mixtral, partitioning, shards
 from jlora.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from jlora.models.export import save_pretrained
 from jlora.models.generation import cached_step, generate
@@ -24,8 +24,9 @@ from jlora.models.gguf import write_gguf
 from jlora.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jlora.models.hf import UnusedTensorsWarning
 from jlora.models.llama import Llama, LlamaConfig
+from jlora.models.mixtral import Mixtral, MixtralConfig
 
-ARCHITECTURES = {"gpt2": gpt2, "bert": bert, "roberta": bert, "llama": llama}
+ARCHITECTURES = {"gpt2": gpt2, "bert": bert, "roberta": bert, "llama": llama, "mixtral": mixtral}
 
 
 def from_pretrained(path_or_name: str | os.PathLike, *, dtype=jnp.float32, **kwargs):
@@ -71,6 +72,8 @@ __all__ = [
     "GPT2LMHeadModel",
     "Llama",
     "LlamaConfig",
+    "Mixtral",
+    "MixtralConfig",
     "UnusedTensorsWarning",
     "bert",
     "cached_step",
@@ -81,6 +84,7 @@ __all__ = [
     "gpt2",
     "hf",
     "llama",
+    "mixtral",
     "partitioning",
     "save_pretrained",
     "shards",

@@ -184,8 +184,8 @@ class LlamaDecoderLayer(nn.Module):
         h, new = LlamaAttention(c, self.dtype, name="self_attn")(
             RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), cos, sin, mask, kv, index)
         x = x + h
-        x = x + LlamaMLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype,
-                                                            name="post_attention_layernorm")(x))
+        mlp = getattr(c, "mlp", LlamaMLP)  # the feed-forward block: a Mixtral config's is its sparse MoE block
+        x = x + mlp(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
         return x, new
 
 

@@ -1,0 +1,1 @@
+"""Variants of LoRA beyond the original: each in its own module."""
