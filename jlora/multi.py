@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jlora import routing
 from jlora.analysis import _is_dynamic
 from jlora.multi_optim import StackedOptState, stacked_optimizer, train_step, with_hyperparams
 from jlora.paths import nest
@@ -100,20 +100,7 @@ class MultiLora:
         return self.apply(frozen, stacked, *args, adapter_ids=adapter_ids, **kwargs)
 
     def _route(self, frozen, stacked, args, kwargs, dropout_key, adapter_ids):
-        ids = jnp.asarray(adapter_ids)
-        rows = next((jnp.shape(x)[0] for x in jax.tree.leaves((args, kwargs)) if _is_dynamic(x) and jnp.ndim(x)),
-                    None)
-        if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer) or rows is None or rows % max(ids.size, 1):
-            raise ValueError(f"adapter_ids must be an integer array of shape ({rows},), one adapter index per row "
-                             f"of the batch, got {ids.dtype} {tuple(ids.shape)}")
-        if not isinstance(ids, jax.core.Tracer) and ids.size:  # concrete: checked (traced ids clamp at K - 1)
-            low, high = int(np.min(np.asarray(ids))), int(np.max(np.asarray(ids)))
-            if low < -1 or high >= self.size:
-                raise ValueError(f"adapter_ids must be in [-1, {self.size - 1}] (-1: the base model alone), got "
-                                 f"values from {low} to {high}")
-        scaled = self.scaled(stacked)  # + a zero adapter at index K for the rows of id -1
-        padded = jax.tree.map(lambda v: jnp.concatenate([v, jnp.zeros_like(v[:1])]), scaled)
-        route = jnp.where(ids < 0, self.size, ids).astype(jnp.int32)
+        padded, route = routing.prepare(self.scaled(stacked), adapter_ids, args, kwargs, self.size)
         return self.lora._run(frozen, padded, args, kwargs, dropout_key, route)
 
     def apply_each(self, frozen, stacked, *args, dropout_key=None, **kwargs):

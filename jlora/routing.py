@@ -16,8 +16,30 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.tracked import Tracked
+
+
+def prepare(stacked, adapter_ids, args, kwargs, size: int):
+    """`(padded, route)` for `LoraTransform._run`: the stack (leaves (K, ...)) with a zero adapter appended at index
+    K, and the ids (int (batch,), -1 = the base model alone) with -1 mapped to K. Raises a ValueError for ids that
+    are not an integer vector with one entry per row (or per group of rows) of the inputs, or concrete ids outside
+    [-1, K - 1] (traced ids are clamped by the gather)."""
+    from jlora.analysis import _is_dynamic
+
+    ids = jnp.asarray(adapter_ids)
+    rows = next((jnp.shape(x)[0] for x in jax.tree.leaves((args, kwargs)) if _is_dynamic(x) and jnp.ndim(x)), None)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer) or rows is None or rows % max(ids.size, 1):
+        raise ValueError(f"adapter_ids must be an integer array of shape ({rows},), one adapter index per row "
+                         f"of the batch, got {ids.dtype} {tuple(ids.shape)}")
+    if not isinstance(ids, jax.core.Tracer) and ids.size:  # concrete: checked (traced ids clamp at K - 1)
+        low, high = int(np.min(np.asarray(ids))), int(np.max(np.asarray(ids)))
+        if low < -1 or high >= size:
+            raise ValueError(f"adapter_ids must be in [-1, {size - 1}] (-1: the base model alone), got values from "
+                             f"{low} to {high}")
+    padded = jax.tree.map(lambda v: jnp.concatenate([v, jnp.zeros_like(v[:1])]), stacked)
+    return padded, jnp.where(ids < 0, size, ids).astype(jnp.int32)
 
 
 def _rows_axis(eqn, invals, batched, w_index, shape_of):

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora import analysis, layout
+from jlora import analysis, layout, routing
 from jlora.config import LoraConfig
 from jlora.deferred import Deferred
 from jlora.interpreter import Context
@@ -129,15 +129,28 @@ class LoraTransform:
         _merge_nested(adapters, trainable)
         return frozen, place(variables, adapters, config)  # each pair sharded as its weight (jlora.sharding)
 
-    def apply(self, frozen, adapters, *args, dropout_key=None, **kwargs):
+    def apply(self, frozen, adapters, *args, dropout_key=None, adapter_ids=None, **kwargs):
         """Runs the function on the base weights plus adapters, each adapted consumer computed factored:
         `x @ W + scale * (dropout(x) @ lora_a) @ lora_b`. jit-able; LoRA dropout only when `dropout_key` is given.
+
+        `adapter_ids` (int (batch,)): `adapters` is then a stack of K adapters of this config (every leaf with a
+        leading axis K: `jax.tree.map(lambda *a: jnp.stack(a), *adapters_list)`) and row i of the batch runs through
+        adapter `adapter_ids[i]` (-1: the base model alone), the base product shared (`jlora.routing`; new ids never
+        retrace). Adapters of different ranks or alphas: `jlora.multi.stack` and its transform's `apply`.
 
         Returns what the function returns. For an NNX module: `(y, frozen)`, as `graphdef.apply(state)(x)` does:
         `frozen` is the given frozen tree (a pure dict, same structure) with the state the call wrote (RNG counts
         of `nnx.Dropout`, BatchNorm statistics), to pass to the next call; `nnx.update(model, merge(frozen,
         adapters, config))` puts it and the merged weights into the module."""
-        return self._run(frozen, adapters, args, kwargs, dropout_key, None)
+        if adapter_ids is None:
+            return self._run(frozen, adapters, args, kwargs, dropout_key, None)
+        sizes = {jnp.shape(v)[0] if jnp.ndim(v) else None for v in jax.tree.leaves(adapters)}
+        if len(sizes) != 1 or None in sizes:
+            raise ValueError(f"apply(..., adapter_ids=) takes a stack of adapters, every leaf with the same leading "
+                             f"axis K (jax.tree.map(lambda *a: jnp.stack(a), *adapters_list)); got leading sizes "
+                             f"{sorted(s for s in sizes if s is not None)}" + (" and scalars" if None in sizes else ""))
+        padded, route = routing.prepare(adapters, adapter_ids, args, kwargs, sizes.pop())
+        return self._run(frozen, padded, args, kwargs, dropout_key, route)
 
     def _run(self, frozen, adapters, args, kwargs, dropout_key, route, *, vmapped: bool = False):
         """`apply`; with `route` (int (batch,)), `adapters`' pairs are stacked on a leading adapter axis and row i

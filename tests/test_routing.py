@@ -108,3 +108,21 @@ def test_routing_refuses_what_it_cannot_route(setup):
         multi.apply(frozen, stacked, TOKENS, adapter_ids=jnp.array([0, 1, 3, 0, 0]))
     with pytest.raises(ValueError, match="adapter_ids must be an integer array"):
         multi.apply(frozen, stacked, TOKENS, adapter_ids=jnp.zeros((5,)))
+
+
+def test_lora_apply_routes_a_stack_of_adapters_of_its_own_config():
+    """The issue's spelling: `lora.apply(frozen, stacked, x, adapter_ids=ids)` on K adapters of the transform's
+    own config stacked leaf by leaf; equal to each adapter alone, jit and eager; bad stacks and ids refused."""
+    config = jlora.LoraConfig(rank=7, alpha=14, targets=("c_attn", "c_fc"))
+    lora = jlora.lora_transform(MODEL.apply, config)
+    variables = MODEL.init(jax.random.key(0), TOKENS)
+    frozen = lora.init(variables, TOKENS, key=jax.random.key(1))[0]
+    adapters = [perturb(lora.init(variables, TOKENS, key=jax.random.key(20 + k))[1], seed=k) for k in range(3)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *adapters)
+    want = _alone(frozen, [lora] * 3, adapters, IDS, TOKENS)
+    _close(lora.apply(frozen, stacked, TOKENS, adapter_ids=IDS), want)
+    _close(jax.jit(lora.apply)(frozen, stacked, TOKENS, adapter_ids=IDS), want)
+    with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, 2\]"):
+        lora.apply(frozen, stacked, TOKENS, adapter_ids=jnp.array([0, 1, 2, 3, 0]))
+    with pytest.raises(ValueError, match="same leading axis K"):
+        lora.apply(frozen, adapters[0], TOKENS, adapter_ids=IDS)  # one adapter, not a stack
