@@ -17,6 +17,7 @@ from cost_analysis with their ratio.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 
 import jax
@@ -46,7 +47,18 @@ class Config(common.GPT2Shape):
         return dataclasses.replace(self, dtype="bfloat16", batch=16, repeats=20, warmup=2)
 
 
-QUICK = Config(**common.TINY_SHAPE, n_positions=16, seq=16, batch=4, rank=4, repeats=3, name="dora_quick")
+QUICK = Config(**common.TINY_SHAPE | {"n_layer": 1}, n_positions=16, seq=16, batch=4, rank=4, repeats=3, name="dora_quick")
+
+
+def hlo_ops(compiled) -> dict[str, int]:
+    """The compiled program's operations in its entry computation: {"fusion": n, "dot": n, "other": n} (each a
+    kernel or library call on a GPU; parameters, constants, tuples and bitcasts not counted)."""
+    text = compiled.as_text()
+    names = re.findall(r"= \S+ (\w[\w-]*)\(", text[text.index("ENTRY"):])
+    free = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
+    kept = [n for n in names if n not in free]
+    return {"fusion": kept.count("fusion"), "dot": kept.count("dot"),
+            "other": sum(n not in ("fusion", "dot") for n in kept)}
 
 
 def measure(config: Config) -> dict:
@@ -66,6 +78,7 @@ def measure(config: Config) -> dict:
         compiled, timing = common.compile_timed(step, (frozen, adapters, state, tokens),
                                                 donate_argnums=common.DONATE["jlora"])
         cost = common.xla_cost(compiled)
+        ops = hlo_ops(compiled)
         box = {"adapters": adapters, "state": state}
 
         def run(compiled=compiled, frozen=frozen, box=box):
@@ -75,7 +88,7 @@ def measure(config: Config) -> dict:
         runs[name] = run
         n_params = sum(x.size for x in jax.tree.leaves(adapters))
         out[name] = {"flops": cost["flops"], "temp_bytes": cost.get("temp_bytes"), "compile": timing,
-                     "trainable_parameters": int(n_params)}
+                     "trainable_parameters": int(n_params), "hlo_ops": ops}
     others: dict = {}
     times = common.interleaved(runs, warmup=config.warmup, repeats=config.repeats, desc="dora vs lora",
                                others=others)
@@ -87,12 +100,17 @@ def measure(config: Config) -> dict:
 
 
 def table(result: dict) -> str:
+    def ops(name):
+        o = result[name].get("hlo_ops")
+        return "n/a" if o is None else f"{o['fusion']:,} / {o['dot']:,} / {o['other']:,}"
+
     rows = [[name.upper(), f"{result[name]['step']['median_s'] * 1e3:.1f}",
              common.cores(result[name]["step"].get("other_cores_median")), f"{result[name]['flops'] / 1e9:.3f}",
-             f"{result[name]['trainable_parameters']:,}"] for name in ("lora", "dora")]
-    return (f"## DoRA vs LoRA train step ({result['label']}, {result['dtype']}, batch {result['batch']}, "
+             ops(name), f"{result[name]['trainable_parameters']:,}"] for name in ("lora", "dora")]
+    return (f"# DoRA vs LoRA train step ({result['label']}, {result['dtype']}, batch {result['batch']}, "
             f"seq {result['seq']}, r {result['rank']}, every dense kernel)\n\n"
-            + common.md_table(["step", "median ms", "other load (cores)", "GFLOPs (XLA)", "trainable"], rows)
+            + common.md_table(["step", "median ms", "other load (cores)", "GFLOPs (XLA)",
+                                "compiled ops: fusions / dots / other", "trainable"], rows)
             + f"\n\nDoRA / LoRA: step time {result['step_ratio']:.3f} (target <= 1.10; PEFT 1.26), "
               f"FLOPs {result['flops_ratio']:.4f}.\n")
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from benchmarks import checkpoint, common, digest, flops, gemma_layout, inference, report, train_step
+from benchmarks import checkpoint, common, digest, dora, flops, gemma_layout, inference, report, train_step
 
 MACHINE_KEYS = {"cpu_model", "cpu_cores", "ram_bytes", "cpu_flags", "backend", "loadavg"}
 VERSION_KEYS = {"python", "jax", "jaxlib", "flax", "optax", "torch", "peft"}
@@ -137,6 +137,16 @@ def test_gemma_layout_quick(out):
     assert rows["q_einsum"]["params"] == cfg.rank * (cfg.D + cfg.N * cfg.H)
     assert rows["q_einsum"]["params_before"] == cfg.rank * (cfg.N * cfg.D + cfg.H)
     assert result["block_params"] < result["block_params_before"] and "`BTD,NDH->BTNH`" in markdown
+
+
+def test_dora_quick(out):
+    """DoRA's step adds a few per-weight operations and almost no FLOPs to LoRA's (every dense kernel adapted)."""
+    assert dora.main(["--quick", "--out-dir", str(out)]) == 0
+    result, markdown = _read(out, "dora_quick")
+    lo, do = result["lora"], result["dora"]
+    assert 1.0 < result["flops_ratio"] < 1.10 and do["trainable_parameters"] > lo["trainable_parameters"]
+    assert do["hlo_ops"]["dot"] > lo["hlo_ops"]["dot"] and do["hlo_ops"]["fusion"] > lo["hlo_ops"]["fusion"]
+    assert result["step_ratio"] > 0 and "compiled ops: fusions / dots / other" in markdown
 
 
 def test_report_quick(out, train_step_result, inference_result):
