@@ -47,7 +47,8 @@ class Config(common.GPT2Shape):
         return dataclasses.replace(self, dtype="bfloat16", batch=16, repeats=20, warmup=2)
 
 
-QUICK = Config(**common.TINY_SHAPE | {"n_layer": 1}, n_positions=16, seq=16, batch=4, rank=4, repeats=3, name="dora_quick")
+QUICK = Config(**common.TINY_SHAPE | {"n_layer": 1}, n_positions=16, seq=16, batch=4, rank=4, repeats=3,
+               name="dora_quick")
 
 
 def hlo_ops(compiled) -> dict[str, int]:
