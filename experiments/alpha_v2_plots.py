@@ -1,0 +1,108 @@
+"""The PNGs of experiments.alpha_over_r_v2, from the summary of alpha_v2_report: held-out loss vs learning rate per
+part (every run a dot, the mean over seeds a line through the grid points, a diverged run an 'x' on the top edge,
+the best LR a star; panels of a figure share their y-axis), and best LR vs r with its bootstrap interval."""
+
+from __future__ import annotations
+
+import numpy as np
+
+PLOTS = ("part1", "part2", "part3", "part4", "part5", "best_lr")
+
+
+def _label(g: dict) -> str:
+    if g["method"] == "full":
+        return "full fine-tuning"
+    return f"{g['placement']} r={g['rank']}" + (f" LoRA+ x{g['ratio']:g}" if g["ratio"] != 1 else "")
+
+
+def _curves(ax, rows, top: float):
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("viridis")
+    for i, g in enumerate(rows):
+        color = cmap(i / max(len(rows) - 1, 1))
+        lrs, per_seed = np.array(g["lrs"]), g["per_seed"]
+        finite = [(lr, x) for lr, xs in zip(lrs, per_seed) for x in xs if isinstance(x, float)]
+        bad = [lr for lr, xs in zip(lrs, per_seed) for x in xs if x == "diverged"]
+        if finite:
+            ax.plot(*zip(*finite), ".", color=color, alpha=0.45, ms=4)
+        if bad:
+            ax.plot(bad, [top] * len(bad), "x", color=color, ms=6, clip_on=False)
+        mean = [np.nan if x is None else x for x in g["loss"]]
+        ax.plot(lrs, mean, "o-", color=color, ms=3, lw=1, label=_label(g))
+        if g["best_lr"]["value"] and g["best_loss"]["value"] is not None:
+            ax.plot(g["best_lr"]["value"], g["best_loss"]["value"], "*", color=color, ms=11, mec="k", mew=0.5)
+    ax.plot([], [], "k.", alpha=0.45, label="one run (seed)")
+    ax.plot([], [], "kx", label="diverged (loss > initial)")
+    ax.plot([], [], "k*", label="best LR (vertex)")
+    ax.set(xscale="log", xlabel="learning rate (lora_a's for LoRA+)", ylabel="held-out loss")
+    ax.legend(fontsize=6)
+
+
+def _panels(path, panels: dict, top: float):
+    from matplotlib.figure import Figure
+
+    if not panels:
+        return
+    fig = Figure(figsize=(4.5 * len(panels), 3.8), layout="tight")
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (title, rows) in zip(axes, panels.items()):
+        _curves(ax, rows, top)
+        ax.set_title(title, fontsize=9)
+    finite = [x for rows in panels.values() for g in rows for xs in g["per_seed"] for x in xs if isinstance(x, float)]
+    if finite:
+        axes[0].set_ylim(min(finite) - 0.01 * abs(min(finite)), top)
+    fig.savefig(path, dpi=90)
+
+
+def _best_lr(path, panels: dict):
+    from matplotlib.figure import Figure
+
+    if not panels:
+        return
+    fig = Figure(figsize=(4.5 * len(panels), 3.8), layout="tight")
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (title, series) in zip(axes, panels.items()):
+        for name, rows in series.items():
+            rows = sorted(rows, key=lambda g: g["rank"])
+            x, y = [g["rank"] for g in rows], [g["best_lr"]["value"] for g in rows]
+            lo = [v - (g["best_lr"]["ci95"][0] or v) for v, g in zip(y, rows)]
+            hi = [(g["best_lr"]["ci95"][1] or v) - v for v, g in zip(y, rows)]
+            ax.errorbar(x, y, yerr=[lo, hi], fmt="o-", capsize=3, ms=4, label=f"{name} (95 % interval)")
+        ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="best learning rate", title=title)
+        ranks = sorted({g["rank"] for rows in series.values() for g in rows})
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=90)
+
+
+def plots(task: str, t: dict, path_of) -> None:
+    """The PNGs of one task's summary `t`; `path_of(plot name)` -> its path."""
+    rows = [g for k in ("part1", "part2", "part5") for g in t.get(k, {}).get("rows", [])]
+    rows += t.get("part4", []) + ([t["part3"]["full"]] if "part3" in t else [])
+    inits = [x for g in rows for xs in g["per_seed"] for x in xs if isinstance(x, float)]
+    top = max(inits) if inits else 1.0
+
+    def by(key, source):
+        out = {}
+        for g in source:
+            out.setdefault(key(g), []).append(g)
+        return out
+
+    p1, p2 = t.get("part1", {}).get("rows", []), t.get("part2", {}).get("rows", [])
+    _panels(path_of("part1"), {f"{task} {g}: {r[0]['steps']} steps": r for g, r in by(lambda g: g["scaling"],
+                                                                                       p1).items()}, top)
+    _panels(path_of("part2"), {f"{task} {k[0]}: {k[1]} steps": r for k, r in by(lambda g: (g["scaling"], g["steps"]),
+                                                                               p2).items()}, top)
+    if "part3" in t:
+        lora = [g for g in p1 if g["scaling"] == "lora"]
+        _panels(path_of("part3"), {f"{task}: full fine-tuning": [t["part3"]["full"]], f"{task}: LoRA alpha/r": lora},
+                top)
+    _panels(path_of("part4"), {f"{task}: {g['placement']} (r={g['rank']})": [g] for g in t.get("part4", [])}, top)
+    _panels(path_of("part5"), {f"{task}: LoRA+ ratio {q:g}": r for q, r in by(
+        lambda g: g["ratio"], t.get("part5", {}).get("rows", [])).items()}, top)
+    best = {f"{task} part 1": by(lambda g: g["scaling"], p1)}
+    best |= {f"{task} part 2, {h} steps": by(lambda g: g["scaling"], [g for g in p2 if g["steps"] == h])
+             for h in dict.fromkeys(g["steps"] for g in p2)}
+    best |= {f"{task} part 5 (LoRA+)": by(lambda g: f"ratio {g['ratio']:g}", t.get("part5", {}).get("rows", []))}
+    _best_lr(path_of("best_lr"), {k: v for k, v in best.items() if v})
