@@ -25,7 +25,7 @@ import numpy as np
 
 from jlora import layout
 from jlora.config import LoraConfig
-from jlora.paths import flatten_adapters, path_str
+from jlora.paths import PAIR_KEYS, flatten_adapters, path_str
 from jlora.qarray import is_quantized
 from jlora.transform import as_variables
 from jlora.variants.init import rewritten_base_hint, warn_unverified
@@ -157,7 +157,7 @@ def check_base(meta: dict, config: LoraConfig, variables, where: str, check_weig
     with `check_weights`, the content digest where one was saved), or is missing from `variables`."""
     arrays, base = meta["arrays"], meta["base"]
     pairs = {p.rsplit("/", 1)[0] for p in arrays if p.rsplit("/", 1)[-1] in ("lora_a", "lora_b")}
-    full = set(arrays) - {f"{p}/{k}" for p in pairs for k in ("lora_a", "lora_b", "magnitude")}  # magnitude: DoRA
+    full = set(arrays) - {f"{p}/{k}" for p in pairs for k in PAIR_KEYS}
     leaves, missing = _base_leaves(variables, pairs, full)
     problems = [f"{p}: missing from the variables" for p in missing]
     content, requant, verified = [], False, set()

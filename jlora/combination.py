@@ -46,7 +46,7 @@ from jax import lax
 
 from jlora.combination_math import dare_masks, factor_weights, merge_tensors, truncated_svd
 from jlora.config import LoraConfig
-from jlora.paths import flatten_adapters, nest
+from jlora.paths import MAGNITUDE, flatten_adapters, nest
 from jlora.validate import check_pairs
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -145,7 +145,7 @@ def _gather(adapters, configs) -> dict[str, list[tuple[int, object, object]]]:
             raise ValueError(f"adapters[{i}] does not match configs[{i}]: {e}") from None
         for path, pair in sorted(pairs.items()):
             a, b = pair["lora_a"], pair["lora_b"]
-            if "magnitude" in pair:
+            if MAGNITUDE in pair:
                 raise ValueError(f"adapters[{i}] at {path} is a DoRA adapter (config.dora): its magnitude rescales "
                                  f"the whole weight, so it has no weighted combination with other adapters; merge "
                                  f"it (jlora.merge) or combine plain LoRA adapters")

@@ -118,8 +118,7 @@ def unmerge(merged, adapters, config: LoraConfig, *, norms=None):
     `norms`, the `dora_norms(frozen, adapters, config)` taken before merging: merging W' = m * V / ||V|| keeps
     only the direction of V = W + scale * a @ b, not its norm, so W cannot be recovered without them."""
     check_adapters(merged, adapters, config)
-    _, full = flatten_adapters(adapters)
-    pairs, _ = flatten_adapters(adapters)
+    pairs, full = flatten_adapters(adapters)
     need = sorted(p for p, pair in pairs.items() if dora.MAGNITUDE in pair)
     missing = [p for p in need if not isinstance(norms, dict) or p not in norms]
     if missing:

@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora.config import LoraConfig
 from jlora.layout import read_layout
-from jlora.paths import flatten_adapters, path_str
+from jlora.paths import MAGNITUDE, flatten_adapters, path_str
 from jlora.qarray import is_quantized
 
 
@@ -117,18 +117,18 @@ def _derive(variables, adapters, config, mesh, *, metadata: bool):
                                  f"`fused`)") from None
             raise
         sharding = _sharding(path, w, source, mesh, metadata)
-        m = pair.get("magnitude")  # DoRA: W's rank, size 1 on the normed axes
+        m = pair.get(MAGNITUDE)  # DoRA: W's rank, size 1 on the normed axes
         if sharding is None:
             out[f"{path}/lora_a"] = out[f"{path}/lora_b"] = None
             if m is not None:
-                out[f"{path}/magnitude"] = None
+                out[f"{path}/{MAGNITUDE}"] = None
             continue
         spec = _padded(path, sharding.spec, len(w.shape))
         prefix = [spec[i] for i in range(lay.n_prefix)]
         out[f"{path}/lora_a"] = _factor(sharding, prefix + [spec[i] for i in lay.a_idx] + [None], a.shape)
         out[f"{path}/lora_b"] = _factor(sharding, prefix + [None] + [spec[i] for i in lay.b_idx], b.shape)
         if m is not None:
-            out[f"{path}/magnitude"] = _factor(sharding, [s if n == w.shape[i] else None
+            out[f"{path}/{MAGNITUDE}"] = _factor(sharding, [s if n == w.shape[i] else None
                                                           for i, (s, n) in enumerate(zip(spec, m.shape))], m.shape)
     for path, leaf in full.items():
         base = _lookup(bases, path, "an array trained in full")

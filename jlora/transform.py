@@ -161,15 +161,14 @@ class LoraTransform:
         one = adapters if route is None else jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype),
                                                           adapters)
         check_adapters(frozen, one, self.config)  # shapes and paths only: at trace time under jit
-        _, full = flatten_adapters(adapters)
+        pairs, full = flatten_adapters(adapters)
         if route is not None:
-            dora.check_unrouted(flatten_adapters(adapters)[0])
+            dora.check_unrouted(pairs)
         if route is not None and full:
             raise ValueError(f"per-row routing supports lora pairs only, but the adapters train {sorted(full)} in "
                              f"full (bias / modules_to_save); route adapters made with bias='none' and no "
                              f"modules_to_save")
         variables = combine(frozen, adapters)
-        pairs, _ = flatten_adapters(adapters)
         named = named_leaves(variables)
         index = {p: i for i, (p, _) in enumerate(named)}
         tracked = {}

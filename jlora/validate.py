@@ -16,7 +16,7 @@ import jax
 
 from jlora.config import LoraConfig
 from jlora.layout import Layout, read_layout
-from jlora.paths import flatten_adapters, named_leaves, path_str, select_targets, trained_in_full
+from jlora.paths import MAGNITUDE, flatten_adapters, named_leaves, path_str, select_targets, trained_in_full
 from jlora.qarray import is_quantized
 
 FIX = ("use the config saved with the adapters: adapters, config = load_adapters(...); lora = lora_transform(fn, "
@@ -73,11 +73,11 @@ def _pair_problem(path: str, a, b, config: LoraConfig) -> str | None:
 
 def _dora_problem(path: str, pair: dict, config: LoraConfig) -> str | None:
     """A pair's DoRA magnitude against `config.dora`: present exactly when DoRA is on."""
-    if config.dora and "magnitude" not in pair:
+    if config.dora and MAGNITUDE not in pair:
         return (f"{path}: config.dora is True but the pair has no 'magnitude' (DoRA's trained magnitude): these "
                 f"adapters were made with dora=False")
-    if not config.dora and "magnitude" in pair:
-        return (f"{path}: the pair holds a DoRA 'magnitude' {tuple(getattr(pair['magnitude'], 'shape', ()))} but "
+    if not config.dora and MAGNITUDE in pair:
+        return (f"{path}: the pair holds a DoRA 'magnitude' {tuple(getattr(pair[MAGNITUDE], 'shape', ()))} but "
                 f"config.dora is False: these adapters were made with dora=True")
     return None
 
@@ -155,10 +155,10 @@ def check_adapters(variables, adapters, config: LoraConfig) -> None:
     for path in targets:
         w, pair = leaves[path], pairs[path]
         lay = read_layout(path, w.shape, pair["lora_a"].shape, pair["lora_b"].shape, config.fused_for(path))
-        if "magnitude" in pair:
+        if MAGNITUDE in pair:
             from jlora.variants.dora import read_normed
 
-            read_normed(path, lay, pair["magnitude"].shape)
+            read_normed(path, lay, pair[MAGNITUDE].shape)
 
 
 def warn_rank(path: str, layout: Layout) -> None:

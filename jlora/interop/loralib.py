@@ -39,7 +39,7 @@ from jlora.config import LoraConfig
 from jlora.interop.coverage import layer_modules, report, siblings
 from jlora.interop.peft import all_leaves, close_names, lookup_leaf, module_name
 from jlora.models.hf import default_key
-from jlora.paths import flatten_adapters, nest, trains_in_full
+from jlora.paths import MAGNITUDE, flatten_adapters, nest, trains_in_full
 
 
 def _numpy(t) -> np.ndarray:
@@ -159,7 +159,7 @@ def to_loralib(adapters, config: LoraConfig) -> dict[str, np.ndarray]:
     out = {}
     for path, pair in sorted(pairs.items()):
         a, b = np.asarray(pair["lora_a"]), np.asarray(pair["lora_b"])
-        if "magnitude" in pair:
+        if MAGNITUDE in pair:
             raise ValueError(f"{path}: a DoRA adapter (config.dora) has no loralib equivalent; save it with save_peft "
                              f"(PEFT's use_dora)")
         if a.ndim != 2 or b.ndim != 2 or path.rsplit("/", 1)[-1] not in ("kernel", "embedding"):

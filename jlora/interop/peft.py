@@ -52,7 +52,7 @@ from jlora.interop.peft_experts import is_expert_pair
 from jlora.interop.peft_files import CONFIG_NAME, WEIGHTS_NAME, is_peft_dir
 from jlora.layout import Layout, fused_b
 from jlora.models.hf import LEAF_TO_HF, default_key
-from jlora.paths import flatten_adapters, path_str, under
+from jlora.paths import MAGNITUDE, flatten_adapters, path_str, under
 from jlora.variants.peft_init import peft_init_value
 
 PREFIX = "base_model.model."
@@ -128,8 +128,8 @@ def save_peft(directory, adapters, config: LoraConfig, *, base_model_name_or_pat
         else:
             tensors[key + ".lora_A.weight"] = jnp.transpose(a, (a.ndim - 1, a.ndim - 2, *range(a.ndim - 2)))
             tensors[key + ".lora_B.weight"] = b.T.reshape(b.shape[1], r, *(1,) * (a.ndim - 2))
-        if "magnitude" in pair:  # DoRA (jlora.variants.dora): PEFT's (out,), a conv's (1, out, 1...)
-            tensors[key + ".lora_magnitude_vector"] = _peft_magnitude(path, jnp.asarray(pair["magnitude"]), a, mask,
+        if MAGNITUDE in pair:  # DoRA (jlora.variants.dora): PEFT's (out,), a conv's (1, out, 1...)
+            tensors[key + ".lora_magnitude_vector"] = _peft_magnitude(path, jnp.asarray(pair[MAGNITUDE]), a, mask,
                                                                       leaf == "embedding")
         if r != config.rank:
             rank_pattern[module] = r

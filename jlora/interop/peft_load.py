@@ -23,7 +23,7 @@ from jlora.interop.peft_experts import take as take_experts
 from jlora.interop.peft_files import CONFIG_NAME, WEIGHTS_NAME, peft_pattern, read_peft_config, read_weights
 from jlora.layout import Layout, fused_b
 from jlora.models.hf import default_key
-from jlora.paths import nest, trains_in_full
+from jlora.paths import MAGNITUDE, nest, trains_in_full
 from jlora.variants.convert import doubled_alpha
 from jlora.variants.peft_init import pair_for_original_base, rebuilt_init
 
@@ -175,7 +175,7 @@ def load_peft(directory, variables, *, dtype=None, strict: bool = True) -> tuple
             fused[path] = tuple(spec["enable_lora"])
         flat[path] = {"lora_a": cast(a), "lora_b": cast(b)}
         if MAGNITUDE_KEY in parts:
-            flat[path]["magnitude"] = cast(_magnitude(parts[MAGNITUDE_KEY], a, b, bool(fused.get(path))))
+            flat[path][MAGNITUDE] = cast(_magnitude(parts[MAGNITUDE_KEY], a, b, bool(fused.get(path))))
         ranks[path], alphas[path] = r, alpha
         if rebuilt and not embed:  # PiSSA / OLoRA: trained on W - s A0 B0, which PEFT rebuilds on load
             scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)

@@ -31,8 +31,8 @@ from jax import lax
 
 from jlora.deferred import value
 from jlora.layout import Layout, fused_b
+from jlora.paths import MAGNITUDE
 
-MAGNITUDE = "magnitude"
 _HI = lax.Precision.HIGHEST
 
 
