@@ -138,12 +138,14 @@ def replace_dir(path, *, overwrite: bool, is_ours: Callable[[pathlib.Path], bool
     _check(path, overwrite, is_ours, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.jlora-", dir=path.parent))
+    new = stage / path.name
     try:
-        new = stage / path.name
         yield new
         _commit(new, path, overwrite, is_ours, what)
-    finally:
-        _remove(stage)
+    except BaseException:
+        _remove(stage, settle=_SETTLE)  # a writer may still be finishing files in it
+        raise
+    _remove(stage)
 
 
 def _commit(new: pathlib.Path, path: pathlib.Path, overwrite: bool, is_ours: Callable[[pathlib.Path], bool],
@@ -184,7 +186,7 @@ def _replace_shared(path: pathlib.Path, overwrite: bool, is_ours: Callable[[path
     try:
         multihost.check_all(error, f"writing {path}")
     except BaseException:
-        multihost.on_primary(lambda: _remove(stage), f"deleting {stage}")
+        multihost.on_primary(lambda: _remove(stage, settle=_SETTLE), f"deleting {stage}")
         raise
 
     def commit():
@@ -196,11 +198,21 @@ def _replace_shared(path: pathlib.Path, overwrite: bool, is_ours: Callable[[path
     multihost.on_primary(commit, f"committing {path}")
 
 
-def _remove(stage: pathlib.Path, *, attempts: int = 50) -> None:
-    """Deletes the staging directory, retrying while a writer's background thread (orbax finishing a file after
-    an error was raised) still adds entries to it; gives up quietly after `attempts` tries (about 2.5 s)."""
-    for _ in range(attempts):
-        shutil.rmtree(stage, ignore_errors=True)
-        if not stage.exists():
+_SETTLE = 0.5  # seconds the staging directory must stay absent after a failed write before it counts as deleted
+_LIMIT = 30.0  # seconds after which deleting it is given up (it is then left, hidden, beside the path)
+
+
+def _remove(stage: pathlib.Path, *, settle: float = 0.0, limit: float = _LIMIT) -> None:
+    """Deletes the staging directory, and after a failed write waits until it has stayed absent for `settle`
+    seconds: the writer's background threads (tensorstore's, finishing the other arrays' files after one write
+    raised) may still add entries or recreate it. Gives up quietly after `limit` seconds."""
+    deadline, absent_since = time.monotonic() + limit, None
+    while time.monotonic() < deadline:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+            absent_since = None
+        elif absent_since is None:
+            absent_since = time.monotonic()
+        if absent_since is not None and time.monotonic() - absent_since >= settle:
             return
         time.sleep(0.05)

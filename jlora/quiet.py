@@ -9,7 +9,9 @@ failed tasks are freed. `quiet_orbax` holds both loggers' records while the bloc
 if the block succeeded. When it raised, it first waits for the orbax worker threads the block started (orbax raises
 while they still run, and a caller that deleted their directory at once would leave one waiting for minutes, and
 the process unable to exit), frees the failed tasks (`gc.collect`), then drops the records: the exception says
-what failed.
+what failed. The failed tasks that the exception's traceback still holds are marked retrieved, and those left
+pending on a loop orbax closed get a handler on that loop that drops their "destroyed but pending" report, so
+freeing the exception later (in the caller's code) logs nothing either.
 (2) When one of several concurrent tensorstore reads or writes fails, orbax closes its event loop while the others
 are still in flight; when they finish, tensorstore calls `loop.call_soon_threadsafe` on the closed loop and Python
 prints "RuntimeError: Event loop is closed" through `sys.unraisablehook`, up to seconds later. On its first use
@@ -20,6 +22,7 @@ exception goes to the hook that was installed before.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -78,6 +81,30 @@ def _join(threads, timeout: float) -> None:
                 time.sleep(0.01)
 
 
+def _from_orbax(task: asyncio.Task) -> bool:
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and "/orbax/" in code.co_filename.replace("\\", "/")
+
+
+def _drop_pending(loop, context) -> None:
+    task = context.get("task")
+    if not (isinstance(task, asyncio.Task) and not task.done() and _from_orbax(task)):
+        loop.default_exception_handler(context)
+
+
+def _settle_abandoned_tasks() -> None:
+    """Marks orbax's failed tasks retrieved and silences those left pending on a closed loop (see the module
+    docstring), so that nothing is logged when they are freed. Only tasks whose coroutine is orbax's, and only
+    loops already closed (orbax's own), are touched."""
+    for obj in gc.get_objects():
+        if isinstance(obj, asyncio.Task) and _from_orbax(obj):
+            if obj.done():
+                if not obj.cancelled():
+                    obj.exception()  # marks the exception retrieved
+            elif obj.get_loop().is_closed():
+                obj.get_loop().set_exception_handler(_drop_pending)
+
+
 @contextlib.contextmanager
 def quiet_orbax(*, join_timeout: float = 30.0) -> Iterator[None]:
     """Runs the block with orbax's log records held back: re-emitted after success; after an exception, the orbax
@@ -95,6 +122,7 @@ def quiet_orbax(*, join_timeout: float = 30.0) -> Iterator[None]:
         _join([t for t in set(threading.enumerate()) - before if type(t).__module__.startswith("orbax.")],
               join_timeout)
         gc.collect()  # orbax's failed tasks, in reference cycles, log "Task exception was never retrieved" when freed
+        _settle_abandoned_tasks()
         raise
     else:
         for logger, hold in holds:

@@ -158,6 +158,26 @@ def test_replace_dir_leaves_the_path_untouched_on_error(atomic, tmp_path):
     assert (path / "mark").read_text() == "old" and os.listdir(tmp_path) == ["out"]
 
 
+def test_a_failed_write_waits_for_late_writers_before_the_staging_directory_counts_as_gone(atomic, tmp_path):
+    """After an error a writer's background thread (tensorstore finishing another array's file) may recreate the
+    staging directory after it was first deleted; replace_dir keeps deleting until it stays gone."""
+    import threading
+    import time
+
+    path, late = tmp_path / "out", []
+
+    def writer(new):  # a late write 0.2 s after the error, into the staging directory, recreating its parents
+        time.sleep(0.2)
+        (new / "late").mkdir(parents=True)
+        late.append(True)
+
+    with pytest.raises(KeyError), atomic.replace_dir(path, overwrite=False, is_ours=_ours, what="test dir") as new:
+        _fill(new, "new")
+        threading.Thread(target=writer, args=(new,), daemon=True).start()
+        raise KeyError("boom")
+    assert late == [True] and os.listdir(tmp_path) == []
+
+
 def test_replace_dir_checks_again_at_the_commit(atomic, tmp_path):
     path = tmp_path / "out"
     with pytest.raises(FileExistsError), atomic.replace_dir(path, overwrite=False, is_ours=_ours, what="t") as new:

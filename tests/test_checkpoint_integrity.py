@@ -192,3 +192,30 @@ def test_nothing_is_printed_on_stderr_after_a_caught_error(tmp_path):
     assert child.returncode == 0, child.stderr
     assert child.stderr == ""
     assert child.stdout.splitlines() == ["caught load True", "caught save disk full", "end"]
+
+
+def test_orbax_tasks_left_failed_or_pending_are_freed_silently_but_no_others(caplog):
+    """The tasks a failed orbax write leaves (failed, or pending on the loop orbax closed) log nothing when freed
+    after `quiet_orbax` settled them; a failed task that is not orbax's still logs."""
+    import asyncio
+
+    from jlora import quiet
+
+    source = "async def fail():\n    raise OSError('disk full')\n\nasync def wait(f):\n    await f\n"
+    orbax, other = {}, {}
+    exec(compile(source, "/site-packages/orbax/checkpoint/fake.py", "exec"), orbax)
+    exec(compile(source, "/site-packages/mine/fake.py", "exec"), other)
+    loop = asyncio.new_event_loop()
+    never = loop.create_future()
+    tasks = [loop.create_task(orbax["fail"]()), loop.create_task(orbax["wait"](never)),
+             loop.create_task(other["fail"]())]
+    for _ in range(3):
+        loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    assert [t.done() for t in tasks] == [True, False, True]
+    caplog.set_level(logging.DEBUG)
+    quiet._settle_abandoned_tasks()
+    del tasks, never
+    gc.collect()
+    messages = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(messages) == 1 and "Task exception was never retrieved" in messages[0] and "mine" in messages[0]
