@@ -39,16 +39,18 @@ TASKS = ("minilm", "smollm2")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """The study; budgets from the first round's 2-core timings: MiniLM LoRA 0.095 s/step (batch 16 x 32 tokens)
-    + 1.5 s per held-out pass, SmolLM2 LoRA 0.57 s/step (4 x 64) + 2 s. A group of the adaptive search makes
-    about 16 runs (6 scouting + 8 near + 2 reseeded; +2-4 when the prior misses). Budget, about 3 h in all:
-      part 1  MiniLM 7 groups (3 scalings x 3 ranks, r = 8 shared) x 16 runs x 13 s = 24 min;
-              SmolLM2 5 groups (alpha/r, alpha/sqrt(r)) x 16 x 25 s = 33 min
-      part 2  MiniLM 600 steps: 5 groups x 16 runs x (57 s + 5 checkpoints x 1.5 s) = 86 min
-      part 3  full fine-tuning, 1 group per model: MiniLM 16 x ~25 s = 7 min, SmolLM2 16 x ~60 s = 16 min
-      part 4  placement, 3 groups per model: MiniLM 48 x 14 s = 11 min, SmolLM2 48 x 28 s = 22 min
+    """The study, its budget from this session's 2-core timings (nothing else running): MiniLM LoRA 0.088 s/step
+    (batch 8 x 32 tokens), full fine-tuning 0.14 s/step, 2.2 s per held-out pass (500 tweets); SmolLM2 LoRA about
+    0.5 s/step (2 x 64 tokens), full 0.8 s/step, 4 s per held-out pass. (Batch 16 and 4, round 1's, measured 0.17 and
+    1.0 s/step here: twice the budget.) A group of the adaptive search makes about 16 runs (6 scouting + 8 near + 2
+    reseeded; +2-4 when the prior misses). Budget, about 3 h in all:
+      part 1  MiniLM 7 groups (3 scalings x r in 1, 64, and r = 8 shared) x 16 runs x 13 s = 24 min;
+              SmolLM2 5 groups (alpha/r, alpha/sqrt(r)) x 16 x 26 s = 35 min
+      part 2  MiniLM 600 steps: 4 groups (2 scalings x r in 1, 64) x 16 x (53 s + 3 checkpoints x 2.2 s) = 64 min
+      part 3  full fine-tuning, 1 group per model: MiniLM 16 x 20 s = 5 min, SmolLM2 16 x 40 s = 11 min
+      part 4  placement, 3 groups per model: MiniLM 48 x 13 s = 11 min, SmolLM2 48 x 26 s = 21 min
       part 5  LoRA+ ratios 4, 16 x r in 1, 64 on MiniLM: 4 groups x 16 x 13 s = 14 min
-    = 213 min as listed; `--p2_ranks 1 64` (r = 8 from its twin prior only) or fewer seeds trims it to 3 h."""
+    = 185 min; `--p2_ranks 1 8 64 --resume` adds the 600-step r = 8 group (one for both scalings: 16 min)."""
 
     parts: tuple[int, ...] = (1, 2, 3, 4, 5)
     tasks: tuple[str, ...] = TASKS
@@ -66,16 +68,17 @@ class Config:
     # priors (round 1: best LR 4.6e-3 at r = 8 on both models; slope vs r 0, -0.2, -0.5 under the three scalings)
     prior_lora: float = 4.64e-3
     prior_full: float = 4.64e-4  # "LoRA's optimum is ~10x full fine-tuning's"
-    # MiniLM: fresh tweets, one pass: batch x max(horizons) = 9,600 training tweets, none seen twice
-    minilm_batch: int = 16
+    # MiniLM: fresh tweets, one pass: batch x max(horizons) = 4,800 training tweets, none seen twice
+    minilm_batch: int = 8
     max_len: int = 32
     minilm_horizons: tuple[int, ...] = (120, 600)  # part 1 uses the first; part 2 both
-    checkpoint_every: int = 120  # held-out loss of the long runs every 120 steps (spread across ranks vs steps)
-    minilm_test: int = 1000  # held-out tweets (500 per class), each a bootstrap unit
+    checkpoint_every: int = 150  # held-out loss of the long runs every 150 steps (spread across ranks vs steps)
+    minilm_test: int = 500  # held-out tweets (250 per class), each a bootstrap unit
     eval_batch: int = 100
-    # SmolLM2: 40 steps of 4 x 64 tokens (round 1's CPU budget); 32 held-out windows of The Tempest (2,016 tokens)
+    # SmolLM2: 40 steps of 2 x 64 tokens (half round 1's batch); 32 held-out windows of The Tempest (2,016 tokens)
     lm_steps: int = 40
-    lm_batch: int = 4
+    lm_batch: int = 2
+    lm_eval_batch: int = 8
     lm_seq: int = 64
     lm_test: int = 32
     # the parts
@@ -83,6 +86,7 @@ class Config:
     scalings: tuple[str, ...] = ("lora", "rslora", "none")  # part 1 on MiniLM
     lm_scalings: tuple[str, ...] = ("lora", "rslora")  # part 1 on SmolLM2 ("none" was the worst in round 1)
     p2_scalings: tuple[str, ...] = ("lora", "rslora")
+    p2_ranks: tuple[int, ...] = (1, 64)  # part 2's ranks (selects runs, changes none: --resume may vary it)
     placement_rank: tuple[int, ...] = (32, 16)  # q,v rank per task (MiniLM, SmolLM2): its parameter count matched
     placement_tasks: tuple[str, ...] = TASKS
     p5_ratios: tuple[float, ...] = (4.0, 16.0)  # LoRA+ lr(lora_b) / lr(lora_a); 1 is part 1's alpha/r
@@ -94,10 +98,13 @@ class Config:
 
 
 QUICK = dict(tiny=True, seeds=(0, 1), far_seeds=1, extend=0, max_rounds=1, n_boot=200, ranks=(1, 8),
-             scalings=("lora", "none"), lm_scalings=("lora",), p2_scalings=("lora",), minilm_horizons=(6, 12),
+             p2_ranks=(1, 8), scalings=("lora", "none"), lm_scalings=("lora",), p2_scalings=("lora",),
+             minilm_horizons=(6, 12),
              checkpoint_every=6, minilm_batch=8, minilm_test=40, eval_batch=40, lm_steps=4, lm_batch=2, lm_seq=16,
-             lm_test=4, placement_rank=(8, 8), placement_tasks=("minilm",), p5_ratios=(16.0,), p5_ranks=(8,),
+             lm_test=4, lm_eval_batch=4, placement_rank=(8, 8), placement_tasks=("minilm",), p5_ratios=(16.0,),
+             p5_ranks=(8,),
              name="alpha_over_r_v2_quick", prior_lora=1e-1, prior_full=1e-2)
+SELECTORS = ("parts", "tasks", "p2_ranks", "resume")  # choose which runs are made, change none: not in the log header
 PRIOR_SLOPE = dict(lora=0.0, rslora=-0.2, none=-0.5)
 
 
@@ -118,7 +125,7 @@ def groups(c: Config, part: int, task: str, per_rank: dict | None = None) -> lis
                 for r in c.ranks]
     if part == 2:
         return [group(task, scaling=a, rank=r, steps=h) for h in c.minilm_horizons for a in c.p2_scalings
-                for r in c.ranks] if task == "minilm" else []
+                for r in c.p2_ranks] if task == "minilm" else []
     if part == 3:
         return [group(task, method="full", placement="weights", scaling="full", rank=0, steps=s),
                 group(task, steps=s, rank=c.ref_rank)]
@@ -141,12 +148,12 @@ def gkey(g: dict, c: Config) -> tuple:
 
 
 class Log(study.Log):
-    """study.Log keyed by (group key, lr, seed); the header holds the config less parts and tasks (which select
-    runs without changing any), so `--part 3 --resume` adds part 3's runs to a log of parts 1 and 2."""
+    """study.Log keyed by (group key, lr, seed); the header holds the config less SELECTORS (which select runs
+    without changing any), so `--part 3 --resume` adds part 3's runs to a log of parts 1 and 2."""
 
     def __init__(self, path: Path, c: Config, *, resume: bool):
         self.c = c
-        config = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("parts", "tasks")}
+        config = {k: v for k, v in dataclasses.asdict(c).items() if k not in SELECTORS}
         super().__init__(path, config, resume=resume)
 
     def _add(self, record: dict):

@@ -118,7 +118,7 @@ def smollm2(c, tiny: bool = False) -> Task:
             yield (train[idx],), train[idx]
 
     return Task("smollm2", module.apply, lambda seed: variables, (train[:1],), LLAMA_PLACES, batches, _next_token,
-                _evaluator(module.apply, _next_token, (test,), test, c.lm_batch), len(test))
+                _evaluator(module.apply, _next_token, (test,), test, c.lm_eval_batch), len(test))
 
 
 def adapter_config(task: Task, group: dict, ref_rank: int) -> jlora.LoraConfig:

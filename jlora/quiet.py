@@ -11,7 +11,10 @@ while they still run, and a caller that deleted their directory at once would le
 the process unable to exit), frees the failed tasks (`gc.collect`), then drops the records: the exception says
 what failed. The failed tasks that the exception's traceback still holds are marked retrieved, and those left
 pending on a loop orbax closed get a handler on that loop that drops their "destroyed but pending" report, so
-freeing the exception later (in the caller's code) logs nothing either.
+freeing the exception later (in the caller's code) logs nothing either. Tasks the block never saw (run by orbax on
+a loop in a background thread, freed later) are covered by a filter on the "asyncio" logger, installed once per
+process, that drops the report on an orbax task whose exception has the type and message of one `quiet_orbax`
+re-raised; every other record passes.
 (2) When one of several concurrent tensorstore reads or writes fails, orbax closes its event loop while the others
 are still in flight; when they finish, tensorstore calls `loop.call_soon_threadsafe` on the closed loop and Python
 prints "RuntimeError: Event loop is closed" through `sys.unraisablehook`, up to seconds later. On its first use
@@ -23,6 +26,7 @@ exception goes to the hook that was installed before.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import logging
@@ -33,6 +37,7 @@ from collections.abc import Iterator
 
 _LOGGERS = ("absl", "asyncio")
 _lock = threading.Lock()
+_reported: collections.deque = collections.deque(maxlen=64)  # (type, message) of errors quiet_orbax re-raised
 
 
 class _Hold(logging.Filter):
@@ -70,6 +75,24 @@ def _drop_abandoned_callbacks() -> None:
             sys.unraisablehook = _DropAbandonedCallbacks(sys.unraisablehook)
 
 
+class _DropReported(logging.Filter):
+    """Drops asyncio's report on an orbax task (its coroutine defined under orbax/) that failed with an error of
+    the same type and message as one `quiet_orbax` already raised to its caller (each of orbax's concurrent writes
+    raises its own copy, and a task whose loop ran on in a background thread is freed whenever it is)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and (type(exc), str(exc)) in _reported
+                    and "/orbax/" in record.getMessage().replace("\\", "/"))
+
+
+def _drop_reported() -> None:
+    with _lock:
+        logger = logging.getLogger("asyncio")
+        if not any(isinstance(f, _DropReported) for f in logger.filters):
+            logger.addFilter(_DropReported())
+
+
 def _join(threads, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     for t in threads:
@@ -96,8 +119,8 @@ def _settle_abandoned_tasks() -> None:
     """Marks orbax's failed tasks retrieved and silences those left pending on a closed loop (see the module
     docstring), so that nothing is logged when they are freed. Only tasks whose coroutine is orbax's, and only
     loops already closed (orbax's own), are touched."""
-    for obj in gc.get_objects():
-        if isinstance(obj, asyncio.Task) and _from_orbax(obj):
+    for obj in gc.get_objects():  # type(), not isinstance: that reads __class__, which some objects warn or fail on
+        if issubclass(type(obj), asyncio.Task) and _from_orbax(obj):
             if obj.done():
                 if not obj.cancelled():
                     obj.exception()  # marks the exception retrieved
@@ -111,6 +134,7 @@ def quiet_orbax(*, join_timeout: float = 30.0) -> Iterator[None]:
     worker threads started meanwhile (which outlive the exception) are joined for up to `join_timeout` seconds,
     so that nothing they write or log comes later, their records are dropped, the late "Event loop is closed"
     reports are silenced, and the exception is re-raised."""
+    _drop_reported()
     _drop_abandoned_callbacks()  # first, as a read may fail and hit the closed loop before the exception reaches us
     holds = [(logging.getLogger(name), _Hold()) for name in _LOGGERS]
     before = set(threading.enumerate())
@@ -118,7 +142,8 @@ def quiet_orbax(*, join_timeout: float = 30.0) -> Iterator[None]:
         logger.addFilter(hold)
     try:
         yield
-    except BaseException:
+    except BaseException as e:
+        _reported.append((type(e), str(e)))
         _join([t for t in set(threading.enumerate()) - before if type(t).__module__.startswith("orbax.")],
               join_timeout)
         gc.collect()  # orbax's failed tasks, in reference cycles, log "Task exception was never retrieved" when freed

@@ -219,3 +219,40 @@ def test_orbax_tasks_left_failed_or_pending_are_freed_silently_but_no_others(cap
     gc.collect()
     messages = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
     assert len(messages) == 1 and "Task exception was never retrieved" in messages[0] and "mine" in messages[0]
+
+
+def test_settling_tasks_reads_no_attribute_of_other_objects():
+    """Objects whose `__class__` warns or raises (torch's deprecated `reduce_op`) are passed over untouched."""
+    import warnings
+
+    from jlora import quiet
+
+    class Touchy:
+        @property
+        def __class__(self):
+            warnings.warn("read", FutureWarning, stacklevel=2)
+            raise AttributeError("__class__")
+
+    alive = [Touchy() for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet._settle_abandoned_tasks()
+    assert len(alive) == 3
+
+
+def test_late_reports_are_dropped_only_for_orbax_tasks_failing_with_an_error_already_raised(caplog):
+    """The asyncio logger's filter: a report on an orbax task whose error quiet_orbax re-raised is dropped; the
+    same error on another library's task, or another error on an orbax task, still logs."""
+    from jlora import quiet
+
+    with pytest.raises(OSError, match="quota"), quiet.quiet_orbax():
+        raise OSError("quota")
+    caplog.set_level(logging.DEBUG)
+    logger = logging.getLogger("asyncio")
+    for error, where in ((OSError("quota"), "/site-packages/orbax/checkpoint/x.py"),
+                         (OSError("quota"), "/site-packages/mine/x.py"),
+                         (OSError("other"), "/site-packages/orbax/checkpoint/x.py")):
+        logger.error("Task exception was never retrieved\nfuture: <Task finished coro=<f() defined at %s>>", where,
+                     exc_info=(type(error), error, None))
+    assert [r.getMessage().split("defined at ")[1] for r in caplog.records if r.name == "asyncio"] == [
+        "/site-packages/mine/x.py>>", "/site-packages/orbax/checkpoint/x.py>>"]
