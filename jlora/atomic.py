@@ -208,11 +208,12 @@ def _remove(stage: pathlib.Path, *, settle: float = 0.0, limit: float = _LIMIT) 
     raised) may still add entries or recreate it. Gives up quietly after `limit` seconds."""
     deadline, absent_since = time.monotonic() + limit, None
     while time.monotonic() < deadline:
+        shutil.rmtree(stage, ignore_errors=True)
+        now = time.monotonic()
         if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
             absent_since = None
-        elif absent_since is None:
-            absent_since = time.monotonic()
-        if absent_since is not None and time.monotonic() - absent_since >= settle:
-            return
+        else:
+            absent_since = now if absent_since is None else absent_since
+            if now - absent_since >= settle:
+                return
         time.sleep(0.05)
