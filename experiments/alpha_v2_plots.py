@@ -15,6 +15,19 @@ def _label(g: dict) -> str:
     return f"{g['placement']} r={g['rank']}" + (f" LoRA+ x{g['ratio']:g}" if g["ratio"] != 1 else "")
 
 
+def _log_ticks(axis, lo: float, hi: float) -> None:
+    """Labels a log axis at 1, 2 and 5 x 10^k within [lo, hi], in plain numbers, and no minor tick labels
+    (matplotlib's default labels minor ticks on a short range, and they overlap)."""
+    from matplotlib.ticker import NullFormatter
+
+    ticks = [m * 10.0 ** k for k in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+             for m in (1, 2, 5) if lo <= m * 10.0 ** k <= hi]
+    if len(ticks) < 2:  # a range too short for two of them: its ends and middle
+        ticks = [float(f"{t:.2g}") for t in np.geomspace(lo, hi, 5)[1:-1]]
+    axis.set_ticks(ticks, [f"{t:g}" for t in ticks])
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _curves(ax, rows, top: float):
     import matplotlib.pyplot as plt
 
@@ -36,6 +49,7 @@ def _curves(ax, rows, top: float):
     ax.plot([], [], "kx", label="diverged (loss > initial)")
     ax.plot([], [], "k*", label="best LR (vertex)")
     ax.set(xscale="log", xlabel="learning rate (lora_a's for LoRA+)", ylabel="held-out loss")
+    _log_ticks(ax.xaxis, *ax.get_xlim())
     ax.legend(fontsize=6)
 
 
@@ -72,6 +86,7 @@ def _best_lr(path, panels: dict):
         ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="best learning rate", title=title)
         ranks = sorted({g["rank"] for rows in series.values() for g in rows})
         ax.set_xticks(ranks, [str(r) for r in ranks])
+        _log_ticks(ax.yaxis, *ax.get_ylim())
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=90)
 

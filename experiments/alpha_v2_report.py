@@ -173,8 +173,10 @@ def markdown(result: dict, stem: str) -> str:
             if "p" in t["part1"]:
                 out += ["", f"p = slope(alpha/r) - slope(none) = {_ci(t['part1']['p'], '{:.2f}')}."]
             out += [""]
+        p2_ranks = sorted({g["rank"] for g in t.get("part2", {}).get("rows", [])})
         for h, sc in t.get("part2", {}).get("horizons", {}).items():
-            out += [f"### 2. {h} steps (fresh tweets)", "", "| scaling | slope | max/min | best-loss spread across r |",
+            out += [f"### 2. {h} steps (fresh tweets; r in {p2_ranks})", "",
+                    "| scaling | slope | max/min | best-loss spread across r |",
                     "|---|---:|---:|---:|"]
             out += [f"| {NAMES[k]} | {_ci(m['slope'], '{:+.2f}')} | {_ci(m['ratio'])} | "
                     f"{_ci(m['loss_spread'], '{:.4f}')} |" for k, m in sc.items()] + [""]
@@ -202,7 +204,8 @@ def markdown(result: dict, stem: str) -> str:
             out += ["### 5. LoRA+ (alpha/r)", "", "| ratio | r | best LR of lora_a | best loss | loss - ratio 1 |",
                     "|---:|---:|---:|---:|---:|"]
             out += [f"| {g['ratio']:g} | {g['rank']} | {_ci(g['best_lr'])} | {_ci(g['best_loss'], '{:.4f}')} | "
-                    f"{_ci(g['loss_minus_ratio1'], '{:+.4f}')} |" for g in t["part5"]["rows"]]
+                    f"{'(reference)' if g['ratio'] == 1 else _ci(g['loss_minus_ratio1'], '{:+.4f}')} |"
+                    for g in t["part5"]["rows"]]
             out += ["", *(f"- ratio {k:g}: slope {_ci(m['slope'], '{:+.2f}')}"
                           for k, m in t["part5"]["ratios"].items())]
             out += [""]
