@@ -104,7 +104,7 @@ QUICK = dict(tiny=True, seeds=(0, 1), far_seeds=1, extend=0, max_rounds=1, n_boo
              lm_test=4, lm_eval_batch=4, placement_rank=(8, 8), placement_tasks=("minilm",), p5_ratios=(16.0,),
              p5_ranks=(8,),
              name="alpha_over_r_v2_quick", prior_lora=1e-1, prior_full=1e-2)
-SELECTORS = ("parts", "tasks", "p2_ranks", "resume")  # choose which runs are made, change none: not in the log header
+SELECTORS = ("parts", "tasks", "p2_ranks")  # select runs, change none: kept out of the log header (as resume is)
 PRIOR_SLOPE = dict(lora=0.0, rslora=-0.2, none=-0.5)
 
 
