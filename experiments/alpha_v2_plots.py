@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PLOTS = ("part1", "part2", "part3", "part4", "part5", "best_lr")
+PLOTS = ("part1", "part2", "part2_steps", "part3", "part4", "part5", "best_lr")
 
 
 def _label(g: dict) -> str:
@@ -79,15 +79,49 @@ def _best_lr(path, panels: dict):
     for ax, (title, series) in zip(axes, panels.items()):
         for name, rows in series.items():
             rows = sorted(rows, key=lambda g: g["rank"])
-            x, y = [g["rank"] for g in rows], [g["best_lr"]["value"] for g in rows]
-            lo = [v - (g["best_lr"]["ci95"][0] or v) for v, g in zip(y, rows)]
-            hi = [(g["best_lr"]["ci95"][1] or v) - v for v, g in zip(y, rows)]
-            ax.errorbar(x, y, yerr=[lo, hi], fmt="o-", capsize=3, ms=4, label=f"{name} (95 % interval)")
+            _errorbar(ax, [g["rank"] for g in rows], [g["best_lr"] for g in rows], name)
         ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="best learning rate", title=title)
         ranks = sorted({g["rank"] for rows in series.values() for g in rows})
         ax.set_xticks(ranks, [str(r) for r in ranks])
         _log_ticks(ax.yaxis, *ax.get_ylim())
         ax.legend(fontsize=7)
+    fig.savefig(path, dpi=90)
+
+
+def _errorbar(ax, x, stats: list[dict], label: str) -> None:
+    """Estimates joined by a line, each with its 95 % interval as a capped bar (a percentile interval need not
+    contain its estimate: the spread across ranks of a max - min is biased upwards, so the bar is drawn as is)."""
+    y = np.array([np.nan if m["value"] is None else m["value"] for m in stats], np.float64)
+    lo = np.array([np.nan if m["ci95"][0] is None else m["ci95"][0] for m in stats], np.float64)
+    hi = np.array([np.nan if m["ci95"][1] is None else m["ci95"][1] for m in stats], np.float64)
+    (line,) = ax.plot(x, y, "o-", ms=4, label=f"{label} (bars: 95 % interval)")
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    ax.errorbar(np.asarray(x)[ok], ((lo + hi) / 2)[ok], yerr=((hi - lo) / 2)[ok], fmt="none", capsize=3,
+                color=line.get_color())
+
+
+def _steps(path, task: str, checkpoints: dict) -> None:
+    """Part 2 during the long runs: each rank's held-out loss at its best final LR (one panel per scaling, shared
+    y-axis), and the spread across ranks vs step, all with 95 % intervals."""
+    from matplotlib.figure import Figure
+
+    if not checkpoints:
+        return
+    fig = Figure(figsize=(4.5 * (len(checkpoints) + 1), 3.8), layout="tight")
+    axes = fig.subplots(1, len(checkpoints) + 1, squeeze=False)[0]
+    for ax in axes[1:-1]:  # the per-scaling panels share their y-axis; the spread has its own
+        ax.sharey(axes[0])
+    for ax, (scaling, m) in zip(axes, checkpoints.items()):
+        for r, stats in m["by_rank"].items():
+            _errorbar(ax, m["steps"], stats, f"r={r}")
+        ax.set(xlabel="step", ylabel="held-out loss", title=f"{task} {scaling}: loss at each r's best final LR")
+        ax.set_xticks(m["steps"])
+        ax.legend(fontsize=7)
+    for scaling, m in checkpoints.items():
+        _errorbar(axes[-1], m["steps"], m["spread"], scaling)
+    axes[-1].set(xlabel="step", ylabel="max - min across r (nats)", title=f"{task}: spread across ranks")
+    axes[-1].axhline(0, color="0.6", lw=0.5)
+    axes[-1].legend(fontsize=7)
     fig.savefig(path, dpi=90)
 
 
@@ -109,6 +143,7 @@ def plots(task: str, t: dict, path_of) -> None:
                                                                                        p1).items()}, top)
     _panels(path_of("part2"), {f"{task} {k[0]}: {k[1]} steps": r for k, r in by(lambda g: (g["scaling"], g["steps"]),
                                                                                p2).items()}, top)
+    _steps(path_of("part2_steps"), task, t.get("part2", {}).get("checkpoints", {}))
     if "part3" in t:
         lora = [g for g in p1 if g["scaling"] == "lora"]
         _panels(path_of("part3"), {f"{task}: full fine-tuning": [t["part3"]["full"]], f"{task}: LoRA alpha/r": lora},

@@ -13,7 +13,6 @@ import numpy as np
 
 from experiments import alpha_v2_plots, study_report
 from experiments.alpha_v2_stats import Draws, Fit, slope, summary
-from experiments.study import num
 
 NAMES = study_report.NAMES | {"full": "full fine-tuning"}
 # Thinking Machines' "LoRA Without Regret" uses alpha = 32 with alpha/r; at scale s the optimum behaves like
@@ -66,26 +65,32 @@ def _diff(a: Fit, b: Fit) -> dict:
     return summary(a.best_loss - b.best_loss, a.best_loss_boot - b.best_loss_boot)
 
 
-def _checkpoint_spread(runs: list[dict], fits: list[tuple[dict, Fit]]) -> dict:
-    """Per scaling of the long horizon: at each checkpoint, the spread across ranks (max - min) of the held-out loss
-    (mean over seeds) at each rank's best final grid point; seeds only, no interval."""
+def _checkpoint_spread(runs: list[dict], fits: list[tuple[dict, Fit]], c, draws: Draws) -> dict:
+    """Per scaling of the long horizon: at each checkpoint, each rank's held-out loss at its best final learning rate
+    (the grid point nearest the optimum after the whole run) and the spread across ranks (max - min), with 95 %
+    intervals over the same seed and example draws as every other figure."""
+    from experiments.alpha_over_r_v2 import gkey
+
+    def examples(r: dict, step: int, last: int):
+        ex = r["examples"] if step == last else r.get("checkpoint_examples", {}).get(str(step))
+        return None if ex is None else np.asarray(ex)
+
     out = {}
     for scaling in dict.fromkeys(g["scaling"] for g, _ in fits):
-        curves = {}
+        at = {}  # rank -> step -> Fit of the one learning rate
         for g, f in fits:
             if g["scaling"] != scaling:
                 continue
             lr = float(f.lrs[f.best_index])
-            rs = [r for r in runs if r["rank"] == g["rank"] and r["steps"] == g["steps"] and r["lr"] == lr
-                  and r.get("scale") is not None and r["scaling"] in (scaling, "lora", "rslora", "none")
-                  and r["task"] == g["task"] and r["ratio"] == g["ratio"] and r["placement"] == g["placement"]]
-            steps = sorted({int(s) for r in rs for s in r["checkpoints"]})
-            curves[g["rank"]] = {s: float(np.mean([r["checkpoints"].get(str(s)) or np.inf for r in rs]))
-                                for s in steps}
-        common = sorted(set.intersection(*(set(v) for v in curves.values()))) if curves else []
-        out[scaling] = dict(steps=common, by_rank={r: [num(v[s]) for s in common] for r, v in curves.items()},
-                            spread=[num(max(v[s] for v in curves.values()) - min(v[s] for v in curves.values()))
-                                    for s in common])
+            rs = [r for r in runs if r["lr"] == lr and gkey(r, c) == gkey(g, c)]
+            steps = sorted({int(k) for r in rs for k in r.get("checkpoint_examples", {})} | {g["steps"]})
+            at[g["rank"]] = {s: Fit([(lr, r["seed"], examples(r, s, g["steps"])) for r in rs], draws) for s in steps}
+        common = sorted(set.intersection(*(set(v) for v in at.values()))) if at else []
+        est = {s: [v[s].best_loss for v in at.values()] for s in common}
+        boot = {s: np.ptp([v[s].best_loss_boot for v in at.values()], 0) for s in common}
+        out[scaling] = dict(steps=common, spread=[summary(max(est[s]) - min(est[s]), boot[s]) for s in common],
+                            by_rank={r: [summary(v[s].best_loss, v[s].best_loss_boot) for s in common]
+                                     for r, v in at.items()})
     return out
 
 
@@ -117,7 +122,7 @@ def summarise(runs: list[dict], meta: dict, c) -> dict:
                               horizons={h: _slopes([(g, f) for g, f in p2 if g["steps"] == h], lambda g: g["scaling"])
                                         for h in c.minilm_horizons},
                               checkpoints=_checkpoint_spread(mine, [(g, f) for g, f in p2
-                                                                    if g["steps"] == max(c.minilm_horizons)]))
+                                                                    if g["steps"] == max(c.minilm_horizons)], c, draws))
         p3 = fit(part_groups(c, 3, task, m["params_per_rank"])[:1])
         lora = [(g, f) for g, f in fit([dict(g, rank=r) for g in part_groups(c, 3, task, m["params_per_rank"])[1:]
                                         for r in sorted({c.ref_rank, *c.ranks})]) if g["steps"] == s]
@@ -173,6 +178,18 @@ def markdown(result: dict, stem: str) -> str:
             if "p" in t["part1"]:
                 out += ["", f"p = slope(alpha/r) - slope(none) = {_ci(t['part1']['p'], '{:.2f}')}."]
             out += [""]
+        ranked = [g for k in ("part1", "part2") for g in t.get(k, {}).get("rows", [])]
+        if ranked:
+            out += ["Best learning rate and best reachable loss of each group (parts 1 and 2):", "",
+                    "| scaling | r | steps | best LR | best loss | optimum inside the grid |",
+                    "|---|---:|---:|---:|---:|---|"]
+            seen = set()
+            for g in sorted(ranked, key=lambda g: (g["steps"], g["scaling"], g["rank"])):
+                if (k := (g["scaling"], g["rank"], g["steps"])) not in seen:
+                    seen.add(k)
+                    out += [f"| {NAMES[g['scaling']]} | {g['rank']} | {g['steps']} | {_ci(g['best_lr'])} | "
+                            f"{_ci(g['best_loss'], '{:.4f}')} | {'yes' if g['interior'] else 'no (edge)'} |"]
+            out += [""]
         p2_ranks = sorted({g["rank"] for g in t.get("part2", {}).get("rows", [])})
         for h, sc in t.get("part2", {}).get("horizons", {}).items():
             out += [f"### 2. {h} steps (fresh tweets; r in {p2_ranks})", "",
@@ -181,8 +198,11 @@ def markdown(result: dict, stem: str) -> str:
             out += [f"| {NAMES[k]} | {_ci(m['slope'], '{:+.2f}')} | {_ci(m['ratio'])} | "
                     f"{_ci(m['loss_spread'], '{:.4f}')} |" for k, m in sc.items()] + [""]
         for k, m in t.get("part2", {}).get("checkpoints", {}).items():
-            out += [f"Spread across r of the held-out loss at each rank's best LR, {NAMES[k]}, at steps {m['steps']}: "
-                    f"{[round(x, 4) for x in m['spread']]} (mean over seeds).", ""]
+            out += [f"{NAMES[k]}, {max(m['steps'], default=0)}-step runs at each rank's best final LR: held-out loss "
+                    "during the run", "", "| step | " + " | ".join(f"r = {r}" for r in m["by_rank"]) +
+                    " | spread across r |", "|---:|" + "---:|" * (len(m["by_rank"]) + 1)]
+            out += [f"| {s} | " + " | ".join(_ci(v[i], "{:.4f}") for v in m["by_rank"].values()) +
+                    f" | {_ci(m['spread'][i], '{:.4f}')} |" for i, s in enumerate(m["steps"])] + [""]
         if "part3" in t:
             p3 = t["part3"]
             out += ["### 3. LoRA / full fine-tuning optimal LR", "", f"Full fine-tuning best LR "

@@ -194,19 +194,22 @@ class Runner:
             if i % 10 == 9 and not np.isfinite(float(loss)):
                 break  # diverged: stop spending the budget on it
             if i + 1 in checkpoints and i + 1 < group["steps"]:
-                marks[i + 1] = num(task.held_out(variables(trainable))[0].mean())
+                mark = task.held_out(variables(trainable))[0]  # (n_test,) per-example losses
+                marks[str(i + 1)] = None if not np.isfinite(mark).all() else mark
         losses = np.asarray(jax.device_get(losses), np.float64)
         train_s = time.perf_counter() - start
         finite = np.isfinite(losses).all() and all(np.isfinite(x).all() for x in jax.tree.leaves(trainable))
         ex, acc = task.held_out(variables(trainable)) if finite else (None, None)
         final = None if ex is None or not np.isfinite(ex).all() else float(ex.mean())
         initial = self.initial_loss(seed)
+        means = {k: None if v is None else float(v.mean()) for k, v in marks.items()}
         if final is not None:
-            marks[len(losses)] = final
+            means[str(len(losses))] = final
         return dict(group, lr=lr, seed=seed, scale=None if lcfg is None else scale_of(lcfg),
                     trainable=count_params(trainable),
                     initial_loss=initial, eval_loss=final, accuracy=None if acc is None else float(acc.mean()),
                     diverged=diverged(initial, final), train_loss=num(losses[-10:].mean()), steps_run=len(losses),
-                    losses=[num(round(float(x), 5)) for x in losses], checkpoints={str(k): v for k, v in marks.items()},
+                    losses=[num(round(float(x), 5)) for x in losses], checkpoints=means,
+                    checkpoint_examples={k: None if v is None else np.round(v, 4).tolist() for k, v in marks.items()},
                     examples=None if final is None else np.round(ex, 4).tolist(), train_s=train_s,
                     total_s=time.perf_counter() - start)

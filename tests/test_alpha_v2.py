@@ -43,11 +43,25 @@ def test_quick_writes_every_part(quick):
                         for r in full)
     long = [r for r in records if r["task"] == "minilm" and r["steps"] == 12 and r["eval_loss"] is not None]
     assert long and all(set(r["checkpoints"]) == {"6", "12"} for r in long)  # held-out loss every 6 steps
+    for r in long:  # with the per-example losses at each checkpoint (the last is `examples`)
+        assert set(r["checkpoint_examples"]) == {"6"} and np.isclose(np.mean(r["checkpoint_examples"]["6"]),
+                                                                      r["checkpoints"]["6"], atol=1e-4)
+    for scaling, cp in m["part2"]["checkpoints"].items():  # spread across r = max - min of each rank's loss
+        assert cp["steps"] == [6, 12] and set(cp["by_rank"]) == {"1", "8"}
+        for i, step in enumerate(cp["steps"]):
+            at = [v[i]["value"] for v in cp["by_rank"].values()]
+            if None not in at:
+                assert cp["spread"][i]["value"] == pytest.approx(max(at) - min(at))
+                lo, hi = cp["spread"][i]["ci95"]
+                assert 0 <= lo <= hi
+            runs = [r for r in long if r["scaling"] in (scaling, "lora") and r["rank"] == 1]
+            assert runs and all(str(step) in r["checkpoints"] for r in runs)
     near = [r for r in records if r["task"] == "minilm" and r["rank"] == 1 and r["scaling"] == "lora"
             and r["steps"] == 6]
     assert {r["seed"] for r in near} == {0, 1}  # 2 seeds near the optimum, 1 (far_seeds) elsewhere
     md = (quick / f"{STEM}.md").read_text()
     assert "slope of log best-LR" in md and "Placement" in md and "LoRA+" in md and "[" in md
+    assert "spread across r" in md and "best reachable loss of each group" in md
     for plot in alpha_v2_plots.PLOTS:
         assert (quick / f"{STEM}_minilm_{plot}.png").read_bytes().startswith(PNG)
 
