@@ -17,13 +17,13 @@ default, as PEFT's modules_to_save=["classifier"] leaves it, so the peer runs th
 it too (+147,840 parameters). On shared cores torch's OpenMP threads spin while waiting (5.3 vs 1.1 s/step here), so
 the peer sets OMP_WAIT_POLICY=PASSIVE unless set (effective before torch's import). The JSON holds everything.
 
-Learning rates: tuned on this model and data by experiments.alpha_over_r_v2 (AdamW, the same warm-up and decay,
-batch 8 x 32 tokens, 120 steps, 2-4 seeds per rate, 500 held-out tweets): full fine-tuning's optimum 1.08e-4
-[7.9e-5, 2.4e-4], LoRA's at r=8 and scale 1 3.2e-3 [2.8e-3, 7.1e-3] (95 % bootstrap intervals). This recipe's
-alpha = 16 doubles the scale, and the study measured the optimum to depend on lr x scale^p with p = 0.45
-[0.27, 0.66], so lr_lora = 3.2e-3 x 2^-0.45 = 2.3e-3. They replace the paper's 5e-4 (RoBERTa-base on SST-2) and
-full fine-tuning's customary 5e-5, which that study found 4.6x and 2.2x below this task's optima. Not re-swept at
-this recipe's batch 32 and 310 steps: the study's budget went to its own grid.
+Learning rates: tuned on this model and data by experiments.alpha_over_r_v2 (Adam without weight decay or
+clipping, the same warm-up and decay, batch 8 x 32 tokens, 120 steps, 2-4 seeds per rate, 500 held-out tweets):
+full fine-tuning's optimum 1.08e-4 [7.9e-5, 2.4e-4], LoRA's at r=8 and scale 1 3.2e-3 [2.8e-3, 7.1e-3] (95 %
+bootstrap intervals). This recipe's alpha = 16 doubles the scale, and the study measured the optimum to depend on
+lr x scale^p with p = 0.45 [0.27, 0.66], so lr_lora = 3.2e-3 x 2^-0.45 = 2.3e-3. They replace the paper's 5e-4
+(RoBERTa-base on SST-2) and full fine-tuning's customary 5e-5, 4.6x and 2.2x below this task's optima. Not
+re-swept at this recipe's batch 32, 310 steps, weight decay and clipping: the study's budget went to its own grid.
 """
 
 from __future__ import annotations
