@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import alpha_v2_plots, study_report
-from experiments.alpha_v2_stats import Draws, Fit, slope, summary
+from experiments.alpha_v2_stats import Draws, Fit, scale_power, slope, summary
 
 NAMES = study_report.NAMES | {"full": "full fine-tuning"}
 # Thinking Machines' "LoRA Without Regret" uses alpha = 32 with alpha/r; at scale s the optimum behaves like
@@ -110,16 +110,12 @@ def summarise(runs: list[dict], meta: dict, c) -> dict:
         if p1:
             t["part1"] = dict(rows=[_row(g, f) for g, f in p1], scalings=_slopes(p1, lambda g: g["scaling"]))
             sc = t["part1"]["scalings"]
-            # the optimum as a function of lr x scale^p: scale ~ r^-1 (alpha/r), r^-1/2 (alpha/sqrt(r)), r^0 (none),
-            # so p = (slope(alpha/r) - slope(other)) / (1 - its exponent): none's if run, else alpha/sqrt(r)'s
-            other = next((k for k in ("none", "rslora") if k in sc), None)
-            if "lora" in sc and other is not None:
-                fl = {g["scaling"]: [f for h, f in p1 if h["scaling"] == g["scaling"]] for g, _ in p1}
+            if "lora" in sc and {"none", "rslora"} & set(sc):
+                fl = {k: [f for g, f in p1 if g["scaling"] == k] for k in sc}
                 ranks = [g["rank"] for g, _ in p1 if g["scaling"] == "lora"]
-                gap = [slope(ranks, np.stack([f.best_lr_boot for f in fl[a]])) for a in ("lora", other)]
-                gap0 = [slope(ranks, np.array([f.best_lr for f in fl[a]])) for a in ("lora", other)]
-                d = dict(none=1.0, rslora=0.5)[other]
-                t["part1"]["p"] = summary((gap0[0] - gap0[1]) / d, (gap[0] - gap[1]) / d) | dict(other=other)
+                p0, other = scale_power(ranks, {k: np.array([f.best_lr for f in fs]) for k, fs in fl.items()})
+                pb, _ = scale_power(ranks, {k: np.stack([f.best_lr_boot for f in fs]) for k, fs in fl.items()})
+                t["part1"]["p"] = summary(p0, pb) | dict(other=other)
         p2 = fit([g for g in m["groups"][2]])
         if p2:
             t["part2"] = dict(rows=[_row(g, f) for g, f in p2],

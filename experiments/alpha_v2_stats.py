@@ -128,6 +128,19 @@ def slope(ranks: Sequence[float], lrs: np.ndarray) -> np.ndarray:
     return np.tensordot(xc, y - y.mean(0), axes=(0, 0)) / (xc @ xc)
 
 
+# the exponent e of each scaling's scale ~ r^e (alpha/r, alpha/sqrt(r), none)
+SCALE_EXPONENT = dict(lora=-1.0, rslora=-0.5, none=0.0)
+
+
+def scale_power(ranks: Sequence[float], best_lrs: dict) -> tuple[np.ndarray, str]:
+    """p in "the best LR depends on lr x scale^p", from the slopes of log best-LR on log r under alpha/r and one other
+    scaling (none's when given, else alpha/sqrt(r)'s): with best LR ~ g(r) x scale^-p and scale ~ r^e, slope(a) -
+    slope(b) = p (e_b - e_a). best_lrs: scaling -> (R,) or (R, B) best LRs at `ranks` -> (p: () or (B,), the other)."""
+    other = next(k for k in ("none", "rslora") if k in best_lrs)
+    gap = slope(ranks, best_lrs["lora"]) - slope(ranks, best_lrs[other])
+    return gap / (SCALE_EXPONENT[other] - SCALE_EXPONENT["lora"]), other
+
+
 def summary(estimate, boot) -> dict:
     """{"value": the estimate, "ci95": [low, high]} for JSON."""
     value = float(estimate)

@@ -8,7 +8,7 @@ import pytest
 
 from experiments import alpha_over_r_v2 as v2
 from experiments import alpha_v2_plots, parse_config
-from experiments.alpha_v2_stats import Draws, Fit, diverged, interval, slope, vertex
+from experiments.alpha_v2_stats import Draws, Fit, diverged, interval, scale_power, slope, vertex
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STEM = "alpha_over_r_v2_quick"
@@ -143,3 +143,15 @@ def test_vertex_of_a_parabola_and_edges():
     y = (x - np.log10(2e-3)) ** 2
     assert 10 ** vertex(x, y[None], np.array([1]))[0] == pytest.approx(2e-3)
     assert vertex(x, y[None], np.array([0]))[0] == x[0]  # an edge: the grid value
+
+
+def test_scale_power_recovers_p_from_either_pair_of_scalings():
+    ranks = np.array([1.0, 8.0, 64.0])
+    scales = dict(lora=8 / ranks, rslora=np.sqrt(8 / ranks), none=np.ones(3))
+    best = {k: 3e-3 * ranks ** 0.1 * v ** -0.45 for k, v in scales.items()}  # best LR ~ g(r) x scale^-0.45
+    p, other = scale_power(ranks, best)
+    assert other == "none" and p == pytest.approx(0.45)
+    p, other = scale_power(ranks, {k: best[k] for k in ("lora", "rslora")})
+    assert other == "rslora" and p == pytest.approx(0.45)
+    boot = {k: np.stack([v, 2 * v], axis=1) for k, v in best.items()}  # (R, B): a common factor leaves p
+    assert scale_power(ranks, boot)[0] == pytest.approx([0.45, 0.45])
