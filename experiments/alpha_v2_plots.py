@@ -53,11 +53,11 @@ def _curves(ax, rows, top: float):
     ax.legend(fontsize=6)
 
 
-def _panels(path, panels: dict, top: float):
+def _panels(path, panels: dict, top: float) -> bool:
     from matplotlib.figure import Figure
 
     if not panels:
-        return
+        return False
     fig = Figure(figsize=(4.5 * len(panels), 3.8), layout="tight")
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for ax, (title, rows) in zip(axes, panels.items()):
@@ -67,13 +67,14 @@ def _panels(path, panels: dict, top: float):
     if finite:
         axes[0].set_ylim(min(finite) - 0.01 * abs(min(finite)), top)
     fig.savefig(path, dpi=90)
+    return True
 
 
-def _best_lr(path, panels: dict):
+def _best_lr(path, panels: dict) -> bool:
     from matplotlib.figure import Figure
 
     if not panels:
-        return
+        return False
     fig = Figure(figsize=(4.5 * len(panels), 3.8), layout="tight")
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for ax, (title, series) in zip(axes, panels.items()):
@@ -86,6 +87,7 @@ def _best_lr(path, panels: dict):
         _log_ticks(ax.yaxis, *ax.get_ylim())
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=90)
+    return True
 
 
 def _errorbar(ax, x, stats: list[dict], label: str) -> None:
@@ -100,13 +102,13 @@ def _errorbar(ax, x, stats: list[dict], label: str) -> None:
                 color=line.get_color())
 
 
-def _steps(path, task: str, checkpoints: dict) -> None:
+def _steps(path, task: str, checkpoints: dict) -> bool:
     """Part 2 during the long runs: each rank's held-out loss at its best final LR (one panel per scaling, shared
     y-axis), and the spread across ranks vs step, all with 95 % intervals."""
     from matplotlib.figure import Figure
 
     if not checkpoints:
-        return
+        return False
     fig = Figure(figsize=(4.5 * (len(checkpoints) + 1), 3.8), layout="tight")
     axes = fig.subplots(1, len(checkpoints) + 1, squeeze=False)[0]
     for ax in axes[1:-1]:  # the per-scaling panels share their y-axis; the spread has its own
@@ -123,10 +125,12 @@ def _steps(path, task: str, checkpoints: dict) -> None:
     axes[-1].axhline(0, color="0.6", lw=0.5)
     axes[-1].legend(fontsize=7)
     fig.savefig(path, dpi=90)
+    return True
 
 
-def plots(task: str, t: dict, path_of) -> None:
-    """The PNGs of one task's summary `t`; `path_of(plot name)` -> its path."""
+def plots(task: str, t: dict, path_of) -> list[str]:
+    """The PNGs of one task's summary `t`; `path_of(plot name)` -> its path. Returns the names of those written
+    (a plot with no data is not)."""
     rows = [g for k in ("part1", "part2", "part5") for g in t.get(k, {}).get("rows", [])]
     rows += t.get("part4", []) + ([t["part3"]["full"]] if "part3" in t else [])
     inits = [x for g in rows for xs in g["per_seed"] for x in xs if isinstance(x, float)]
@@ -139,20 +143,19 @@ def plots(task: str, t: dict, path_of) -> None:
         return out
 
     p1, p2 = t.get("part1", {}).get("rows", []), t.get("part2", {}).get("rows", [])
-    _panels(path_of("part1"), {f"{task} {g}: {r[0]['steps']} steps": r for g, r in by(lambda g: g["scaling"],
-                                                                                       p1).items()}, top)
-    _panels(path_of("part2"), {f"{task} {k[0]}: {k[1]} steps": r for k, r in by(lambda g: (g["scaling"], g["steps"]),
-                                                                               p2).items()}, top)
-    _steps(path_of("part2_steps"), task, t.get("part2", {}).get("checkpoints", {}))
-    if "part3" in t:
-        lora = [g for g in p1 if g["scaling"] == "lora"]
-        _panels(path_of("part3"), {f"{task}: full fine-tuning": [t["part3"]["full"]], f"{task}: LoRA alpha/r": lora},
-                top)
-    _panels(path_of("part4"), {f"{task}: {g['placement']} (r={g['rank']})": [g] for g in t.get("part4", [])}, top)
-    _panels(path_of("part5"), {f"{task}: LoRA+ ratio {q:g}": r for q, r in by(
-        lambda g: g["ratio"], t.get("part5", {}).get("rows", [])).items()}, top)
+    panels = dict(
+        part1={f"{task} {g}: {r[0]['steps']} steps": r for g, r in by(lambda g: g["scaling"], p1).items()},
+        part2={f"{task} {k[0]}: {k[1]} steps": r for k, r in by(lambda g: (g["scaling"], g["steps"]), p2).items()},
+        part3={f"{task}: full fine-tuning": [t["part3"]["full"]],
+               f"{task}: LoRA alpha/r": [g for g in p1 if g["scaling"] == "lora"]} if "part3" in t else {},
+        part4={f"{task}: {g['placement']} (r={g['rank']})": [g] for g in t.get("part4", [])},
+        part5={f"{task}: LoRA+ ratio {q:g}": r for q, r in by(lambda g: g["ratio"],
+                                                              t.get("part5", {}).get("rows", [])).items()})
     best = {f"{task} part 1": by(lambda g: g["scaling"], p1)}
     best |= {f"{task} part 2, {h} steps": by(lambda g: g["scaling"], [g for g in p2 if g["steps"] == h])
              for h in dict.fromkeys(g["steps"] for g in p2)}
     best |= {f"{task} part 5 (LoRA+)": by(lambda g: f"ratio {g['ratio']:g}", t.get("part5", {}).get("rows", []))}
-    _best_lr(path_of("best_lr"), {k: v for k, v in best.items() if v})
+    ok = {name: _panels(path_of(name), panels[name], top) for name in panels}
+    ok["part2_steps"] = _steps(path_of("part2_steps"), task, t.get("part2", {}).get("checkpoints", {}))
+    ok["best_lr"] = _best_lr(path_of("best_lr"), {k: v for k, v in best.items() if v})
+    return [name for name in PLOTS if ok[name]]

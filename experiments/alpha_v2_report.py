@@ -161,7 +161,8 @@ def _ci(s: dict | None, fmt: str = "{:.3g}") -> str:
     return f"{fmt.format(s['value'])} [{lo}, {hi}]"
 
 
-def markdown(result: dict, stem: str) -> str:
+def markdown(result: dict, stem: str, plots: dict | None = None) -> str:
+    """The report; `plots` maps each task to the names of its PNGs (all of alpha_v2_plots.PLOTS when None)."""
     c, out = result["config"], []
     out += [f"# The alpha/r study, second round ({stem})", "",
             f"{result['runs']} runs, {result['run_hours']:.2f} h of run time; {result['environment']['backend']}, "
@@ -237,12 +238,13 @@ def markdown(result: dict, stem: str) -> str:
             out += ["", *(f"- ratio {k:g}: slope {_ci(m['slope'], '{:+.2f}')}"
                           for k, m in t["part5"]["ratios"].items())]
             out += [""]
-        out += [f"![{p}]({stem}_{task}_{p}.png)" for p in alpha_v2_plots.PLOTS] + [""]
+        out += [f"![{p}]({stem}_{task}_{p}.png)" for p in (alpha_v2_plots.PLOTS if plots is None
+                                                              else plots.get(task, []))] + [""]
     return "\n".join(out)
 
 
 def write(result: dict, out: Path, stem: str) -> None:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, allow_nan=False, default=str) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result, stem))
-    for task, t in result["tasks"].items():
-        alpha_v2_plots.plots(task, t, lambda p, task=task: out / f"{stem}_{task}_{p}.png")
+    written = {task: alpha_v2_plots.plots(task, t, lambda p, task=task: out / f"{stem}_{task}_{p}.png")
+               for task, t in result["tasks"].items()}
+    (out / f"{stem}.md").write_text(markdown(result, stem, written))
