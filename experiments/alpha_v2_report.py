@@ -140,8 +140,12 @@ def summarise(runs: list[dict], meta: dict, c) -> dict:
         p4 = fit(m["groups"][4])
         if p4:
             ref = next((f for g, f in p4 if g["placement"] == "qv"), None)
+            mlp = next((f for g, f in p4 if g["placement"] == "mlp"), None)
+            full = p3[0][1] if p3 else None
             t["part4"] = [_row(g, f) | dict(params=m["params_per_rank"][g["placement"]] * g["rank"],
                                             loss_minus_qv=None if ref is None else _diff(f, ref),
+                                            loss_minus_mlp=None if mlp is None else _diff(f, mlp),
+                                            loss_minus_full=None if full is None else _diff(f, full),
                                             lr_over_qv=None if ref is None else _ratio(f, ref)) for g, f in p4]
         p5 = fit(m["groups"][5])
         if p5:
@@ -224,11 +228,12 @@ def markdown(result: dict, stem: str, plots: dict | None = None) -> str:
             out += [""]
         if "part4" in t:
             out += ["### 4. Placement at matched trainable parameters", "",
-                    "| placement | r | params | best LR | best loss | loss - q,v | LR / q,v's |", "|---|---:|---:|---:|"
-                    "---:|---:|---:|"]
+                    "| placement | r | params | best LR | best loss | loss - q,v | loss - MLP | loss - full FT | "
+                    "LR / q,v's |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             out += [f"| {g['placement']} | {g['rank']} | {g['params']:,} | {_ci(g['best_lr'])} | "
-                    f"{_ci(g['best_loss'], '{:.4f}')} | {_ci(g['loss_minus_qv'], '{:+.4f}')} | {_ci(g['lr_over_qv'])} |"
-                    for g in t["part4"]] + [""]
+                    f"{_ci(g['best_loss'], '{:.4f}')} | {_ci(g['loss_minus_qv'], '{:+.4f}')} | "
+                    f"{_ci(g['loss_minus_mlp'], '{:+.4f}')} | {_ci(g['loss_minus_full'], '{:+.4f}')} | "
+                    f"{_ci(g['lr_over_qv'])} |" for g in t["part4"]] + [""]
         if "part5" in t:
             out += ["### 5. LoRA+ (alpha/r)", "", "| ratio | r | best LR of lora_a | best loss | loss - ratio 1 |",
                     "|---:|---:|---:|---:|---:|"]
