@@ -1,7 +1,7 @@
 """The alpha/r study, second round (issue 16): uncertainty, a long horizon, LoRA vs full fine-tuning, adapter
 placement, and LoRA+ as a second axis, on MiniLM (tweets) and SmolLM2-135M (Shakespeare).
 
-    python -m experiments.alpha_over_r_v2                 # the whole study, about 3.5 h on 2 CPU cores (see Config)
+    python -m experiments.alpha_over_r_v2                 # the whole study, about 5 h on 2 CPU cores (see Config)
     python -m experiments.alpha_over_r_v2 --part 3        # one requirement (1..5); the others' runs are reused
     python -m experiments.alpha_over_r_v2 --resume        # continue from results/alpha_over_r_v2.jsonl
     python -m experiments.alpha_over_r_v2 --quick         # tiny random models, < 1 min: alpha_over_r_v2_quick.*
@@ -49,8 +49,12 @@ class Config:
       part 2  MiniLM 600 steps: 4 groups (2 scalings x r in 1, 64) x 16 x (53 s + 3 checkpoints x 2.2 s) = 64 min
       part 3  full fine-tuning, 1 group per model: MiniLM 16 x 20 s = 5 min, SmolLM2 16 x 40 s = 11 min
       part 4  placement, 3 groups per model: MiniLM 48 x 13 s = 11 min, SmolLM2 48 x 26 s = 21 min
-      part 5  LoRA+ ratios 4, 16 x r in 1, 64 on MiniLM: 4 groups x 16 x 13 s = 14 min
-    = 185 min; `--p2_ranks 1 8 64 --resume` adds the 600-step r = 8 group (one for both scalings: 16 min)."""
+      part 5  LoRA+ ratios 4, 16 at r = 8 on MiniLM: 2 groups x 16 x 13 s = 7 min
+    = 178 min; `--p2_ranks 1 8 64 --resume` adds the 600-step r = 8 group (one for both scalings: 16 min).
+    Measured (the run log's own times): groups took 16-20 runs, and runs took longer than planned, alone on the
+    machine: a 600-step MiniLM run 72 s (not 60), a SmolLM2 LoRA run 30-39 s (not 26), full fine-tuning 52 s (not 40).
+    Parts 1, 3 and 4 took 3.0 h of run time (MiniLM 69 min, SmolLM2 111 min, some of it beside other work); part 2
+    with r = 8 is about 100 runs x 72 s = 2 h: the study is about 5 h, not 3."""
 
     parts: tuple[int, ...] = (1, 2, 3, 4, 5)
     tasks: tuple[str, ...] = TASKS
@@ -90,7 +94,7 @@ class Config:
     placement_rank: tuple[int, ...] = (32, 16)  # q,v rank per task (MiniLM, SmolLM2): its parameter count matched
     placement_tasks: tuple[str, ...] = TASKS
     p5_ratios: tuple[float, ...] = (4.0, 16.0)  # LoRA+ lr(lora_b) / lr(lora_a); 1 is part 1's alpha/r
-    p5_ranks: tuple[int, ...] = (1, 64)  # alpha/r; ratio 1 at these ranks is part 1's
+    p5_ranks: tuple[int, ...] = (8,)  # alpha/r; ratio 1 at these ranks is part 1's (selects runs, as p2_ranks)
     p5_tasks: tuple[str, ...] = ("minilm",)
     out_dir: str = "results"
     name: str = "alpha_over_r_v2"
@@ -104,7 +108,7 @@ QUICK = dict(tiny=True, seeds=(0, 1), far_seeds=1, extend=0, max_rounds=1, n_boo
              lm_test=4, lm_eval_batch=4, placement_rank=(8, 8), placement_tasks=("minilm",), p5_ratios=(16.0,),
              p5_ranks=(8,),
              name="alpha_over_r_v2_quick", prior_lora=1e-1, prior_full=1e-2)
-SELECTORS = ("parts", "tasks", "p2_ranks")  # select runs, change none: kept out of the log header (as resume is)
+SELECTORS = ("parts", "tasks", "p2_ranks", "p2_scalings", "p5_ranks")  # select runs, change none: not in the header
 PRIOR_SLOPE = dict(lora=0.0, rslora=-0.2, none=-0.5)
 
 
