@@ -58,11 +58,13 @@ def _slopes(fits: list[tuple[dict, Fit]], key) -> dict:
 
 
 def _ratio(a: Fit, b: Fit) -> dict:
-    return summary(a.best_lr / b.best_lr, a.best_lr_boot / b.best_lr_boot)
+    with np.errstate(invalid="ignore", divide="ignore"):  # replicates where a group diverged: not finite, dropped
+        return summary(a.best_lr / b.best_lr, a.best_lr_boot / b.best_lr_boot)
 
 
 def _diff(a: Fit, b: Fit) -> dict:
-    return summary(a.best_loss - b.best_loss, a.best_loss_boot - b.best_loss_boot)
+    with np.errstate(invalid="ignore"):  # inf - inf where both diverged in a replicate: NaN, dropped by `interval`
+        return summary(a.best_loss - b.best_loss, a.best_loss_boot - b.best_loss_boot)
 
 
 def _checkpoint_spread(runs: list[dict], fits: list[tuple[dict, Fit]], c, draws: Draws) -> dict:
