@@ -33,6 +33,15 @@ def test_quick_writes_every_part(quick):
         assert lo <= hi and s["ranks"] == [1, 8]
     assert set(m["part2"]["horizons"]) == {"6", "12"}
     assert {p["placement"] for p in m["part4"]} == {"qv", "mlp", "all"}
+    place, checked = {p["placement"]: p["best_loss"]["value"] for p in m["part4"]}, 0
+    refs = dict(loss_minus_qv=place["qv"], loss_minus_mlp=place["mlp"],
+                loss_minus_full=m["part3"]["full"]["best_loss"]["value"])
+    for p in m["part4"]:  # paired differences against q,v, MLP and full fine-tuning (where both are finite)
+        for key, ref in refs.items():
+            if None not in (ref, p["best_loss"]["value"]):
+                assert p[key]["value"] == pytest.approx(p["best_loss"]["value"] - ref)
+                checked += 1
+    assert checked >= 1  # the tiny models diverge at many rates: some placements have no finite best
     assert {g["ratio"] for g in m["part5"]["rows"]} == {1.0, 16.0}
     records = [json.loads(line) for line in (quick / f"{STEM}.jsonl").read_text().splitlines()[1:]]
     for r in records:  # per-example held-out losses, or None for a diverged run
