@@ -50,7 +50,7 @@ class Config:
       part 3  full fine-tuning, 1 group per model: MiniLM 16 x 20 s = 5 min, SmolLM2 16 x 40 s = 11 min
       part 4  placement, 3 groups per model: MiniLM 48 x 13 s = 11 min, SmolLM2 48 x 26 s = 21 min
       part 5  LoRA+ ratios 4, 16 at r = 8 on MiniLM: 2 groups x 16 x 13 s = 7 min
-    = 178 min; `--p2_ranks 1 8 64 --resume` adds the 600-step r = 8 group (one for both scalings: 16 min).
+    = 178 min, + the 600-step r = 8 group (one for both scalings: 16 min).
     Measured (the run log's own times): groups took 16-20 runs, and runs took longer than planned, alone on the
     machine: a 600-step MiniLM run 72 s (not 60), a SmolLM2 LoRA run 30-39 s (not 26), full fine-tuning 52 s (not 40).
     Parts 1, 3 and 4 took 3.0 h of run time (MiniLM 69 min, SmolLM2 111 min, some of it beside other work); part 2
@@ -90,7 +90,7 @@ class Config:
     scalings: tuple[str, ...] = ("lora", "rslora", "none")  # part 1 on MiniLM
     lm_scalings: tuple[str, ...] = ("lora", "rslora")  # part 1 on SmolLM2 ("none" was the worst in round 1)
     p2_scalings: tuple[str, ...] = ("lora", "rslora")
-    p2_ranks: tuple[int, ...] = (1, 64)  # part 2's ranks (selects runs, changes none: --resume may vary it)
+    p2_ranks: tuple[int, ...] = (1, 8, 64)  # part 2's ranks (selects runs, changes none: --resume may vary it)
     placement_rank: tuple[int, ...] = (32, 16)  # q,v rank per task (MiniLM, SmolLM2): its parameter count matched
     placement_tasks: tuple[str, ...] = TASKS
     p5_ratios: tuple[float, ...] = (4.0, 16.0)  # LoRA+ lr(lora_b) / lr(lora_a); 1 is part 1's alpha/r
