@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import alpha_v2_plots, study_report
-from experiments.alpha_v2_stats import Draws, Fit, scale_power, slope, summary
+from experiments.alpha_v2_stats import SCALE_EXPONENT, Draws, Fit, scale_power, slope, summary
 
 NAMES = study_report.NAMES | {"full": "full fine-tuning"}
 # Thinking Machines' "LoRA Without Regret" uses alpha = 32 with alpha/r; at scale s the optimum behaves like
@@ -187,8 +187,8 @@ def markdown(result: dict, stem: str, plots: dict | None = None) -> str:
                     for k, m in t["part1"]["scalings"].items()]
             if "p" in t["part1"]:
                 p = t["part1"]["p"]
-                how = "slope(alpha/r) - slope(none)" if p["other"] == "none" else \
-                    "2 x (slope(alpha/r) - slope(alpha/sqrt(r)))"
+                k = 1 / (SCALE_EXPONENT[p["other"]] - SCALE_EXPONENT["lora"])  # scale_power's divisor
+                how = f"{k:g} x (slope(alpha/r) - slope({NAMES[p['other']].split(' ')[0]}))"
                 out += ["", f"The optimum as a function of lr x scale^p: p = {how} = {_ci(p, '{:.2f}')}."]
             out += [""]
         ranked = [g for k in ("part1", "part2") for g in t.get(k, {}).get("rows", [])]
